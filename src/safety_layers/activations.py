@@ -1,0 +1,150 @@
+"""Last-token hidden states of every decoder block in the prefill pass.
+
+For prompt ``p`` and block ``i`` (0-based) we keep the block's output at the last prompt
+token, ``blocks.{i}.resid_post[-1]``: the vector the paper compares (paper.md §2.2). The
+embedding output is not a layer. With ``final_norm=True`` (the default, as in the paper's
+code, which reads ``output_hidden_states``) the last block's vector has the model's final
+norm applied, because that is what transformers returns as the last hidden state.
+
+Why it is fast: prompts are sorted by length and packed into batches by a token budget;
+pads go on the right so no real token ever attends to one (causal attention) and no
+attention mask or position shift is needed; a hook on each block keeps only the last real
+position (memory per prompt is O(layers x hidden), not O(sequence)); the forward pass is
+cut off after the last block asked for, so the LM head and later blocks never run.
+Results are cached on disk per (model fingerprint, rendered prompt, norm choice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .errors import SafetyLayersError
+from .models import LoadedModel, cache_dir
+from .prompts import render
+
+
+class _Stop(Exception):
+    """Raised by the hook on the last wanted block to cut the forward pass short."""
+
+
+def _cache_path(root: Path, fp: str, text: str, final_norm: bool) -> Path:
+    key = hashlib.sha256(f"{fp}\0{int(final_norm)}\0{text}".encode()).hexdigest()
+    return root / fp / key[:2] / f"{key}.safetensors"
+
+
+def _batches(lengths: list[int], max_batch_tokens: int, max_batch_size: int):
+    """Index lists, longest prompts first, each batch's padded size within the budget."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batch: list[int] = []
+    for i in order:
+        width = lengths[batch[0]] if batch else lengths[i]
+        if batch and ((len(batch) + 1) * width > max_batch_tokens or len(batch) >= max_batch_size):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+@torch.inference_mode()
+def _forward_last(lm: LoadedModel, ids: list[list[int]], upto: int, final_norm: bool) -> torch.Tensor:
+    """[batch, upto+1, hidden] float32: last-real-token outputs of blocks 0..upto."""
+    model, blocks = lm.model, lm.blocks
+    device = next(model.parameters()).device
+    lengths = torch.tensor([len(x) for x in ids], device=device)
+    width = int(lengths.max())
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long, device=device)
+    for r, x in enumerate(ids):
+        input_ids[r, : len(x)] = torch.tensor(x, device=device)
+    rows, last = torch.arange(len(ids), device=device), lengths - 1
+    captured: list[torch.Tensor | None] = [None] * (upto + 1)
+
+    def hook_for(i):
+        def hook(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            captured[i] = hidden[rows, last].float()
+            if i == upto:
+                raise _Stop
+        return hook
+
+    handles = [blocks.layers[i].register_forward_hook(hook_for(i)) for i in range(upto + 1)]
+    try:
+        # Right padding + causal attention: real tokens never see the pads, so no mask.
+        model(input_ids=input_ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    out = torch.stack(captured, dim=1)
+    if final_norm and upto == len(blocks) - 1 and blocks.final_norm is not None:
+        out[:, -1] = blocks.final_norm(out[:, -1].to(next(blocks.final_norm.parameters()).dtype)).float()
+    return out
+
+
+def last_token_states(model: LoadedModel, prompts: list[str], template: str = "chat", *,
+                      layers: list[int] | None = None, final_norm: bool = True,
+                      max_batch_tokens: int = 4096, max_batch_size: int = 64,
+                      cache: bool | str | Path = True, progress: bool = True,
+                      desc: str = "hidden states") -> torch.Tensor:
+    """Hidden states ``[prompt, layer, hidden]`` (float32) of the last prompt token.
+
+    ``layers`` (0-based) selects blocks; default all. Only blocks up to the highest one
+    asked for are run. ``cache`` may be False, True (user cache folder) or a folder.
+    """
+    if not prompts:
+        raise SafetyLayersError("no prompts given: a prompt set needs at least one prompt")
+    n_layers = len(model.blocks)
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise SafetyLayersError(
+            f"layer {bad[0]} is out of range: the model has {n_layers} decoder layers, numbered 0-{n_layers - 1}")
+    upto = max(layers)
+    tok = model.tokenizer
+    rendered = [render(tok, p, template) for p in prompts]
+    root = None
+    if cache:
+        root = Path(cache) if not isinstance(cache, bool) else cache_dir() / "activations"
+        fp = model.fingerprint()
+    hidden = model.model.config.hidden_size if hasattr(model.model.config, "hidden_size") else None
+    result: list[torch.Tensor | None] = [None] * len(prompts)
+    todo = []
+    for i, r in enumerate(rendered):
+        if root is not None:
+            path = _cache_path(root, fp, r.text, final_norm)
+            if path.is_file():
+                h = load_file(str(path))["h"]
+                if h.shape[0] > upto:
+                    result[i] = h
+                    continue
+        todo.append(i)
+    if todo:
+        ids = [tok(rendered[i].text, add_special_tokens=rendered[i].add_special_tokens)["input_ids"] for i in todo]
+        # Cache entries always hold every block, so any later subset is a hit.
+        run_upto = n_layers - 1 if root is not None else upto
+        bar = tqdm(total=len(todo), desc=desc, unit="prompt", disable=not progress, leave=False)
+        for batch in _batches([len(x) for x in ids], max_batch_tokens, max_batch_size):
+            out = _forward_last(model, [ids[j] for j in batch], run_upto, final_norm).cpu()
+            for row, j in enumerate(batch):
+                i = todo[j]
+                result[i] = out[row].clone()
+                if root is not None:
+                    path = _cache_path(root, fp, rendered[i].text, final_norm)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(f".tmp{os.getpid()}")
+                    save_file({"h": result[i]}, str(tmp))
+                    os.replace(tmp, path)
+            bar.update(len(batch))
+        bar.close()
+    stacked = torch.stack([r[: upto + 1] for r in result])
+    if hidden is not None and stacked.shape[-1] != hidden:
+        raise SafetyLayersError(f"cached hidden states have size {stacked.shape[-1]}, the model {hidden}: clear {root}")
+    return stacked[:, layers]

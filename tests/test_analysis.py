@@ -1,0 +1,88 @@
+"""Cosine statistics, angle gaps, the initial-range rule and its bootstrap."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from safety_layers.analysis import (_deg, _gram_gap, analyze_states, bootstrap_range, curves, initial_range,
+                                    sample_pairs)
+from safety_layers.errors import SafetyLayersError
+
+
+def synthetic(n=20, m=20, layers=8, d=16, split_from=4, seed=0):
+    """N and M share a direction everywhere; from layer `split_from` M moves off along its own axis."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(d, generator=g)
+    hn = base + 0.3 * torch.randn(n, layers, d, generator=g)
+    hm = base + 0.3 * torch.randn(m, layers, d, generator=g)
+    push = torch.zeros(layers)
+    push[split_from:] = torch.linspace(0.5, 1.5, layers - split_from)
+    hm = hm + push[None, :, None] * torch.eye(d)[0]
+    return hn.double(), hm.double()
+
+
+def test_exact_means_equal_brute_force():
+    hn, hm = synthetic()
+    c = curves(hn, hm, r=50)
+    k = 5
+    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
+    nn = np.mean([cos(hn[i, k], hn[j, k]) for i in range(20) for j in range(20) if i != j])
+    nm = np.mean([cos(hn[i, k], hm[j, k]) for i in range(20) for j in range(20)])
+    assert c.nn_exact[k] == pytest.approx(nn, abs=1e-10)
+    assert c.nm_exact[k] == pytest.approx(nm, abs=1e-10)
+    assert c.gap_exact[k] == pytest.approx(float(_deg(nm) - _deg(nn)), abs=1e-8)
+    angles = lambda pairs: np.mean([float(_deg(cos(*p))) for p in pairs])  # noqa: E731
+    paper = angles([(hn[i, k], hm[j, k]) for i in range(20) for j in range(20)]) - \
+        angles([(hn[i, k], hn[j, k]) for i in range(20) for j in range(20) if i != j])
+    assert c.gap_exact_paper[k] == pytest.approx(paper, abs=1e-8)
+
+
+def test_sampling_follows_the_released_code_seeds():
+    pairs = sample_pairs(30, None, 3, seed=10)
+    random.seed(11)
+    assert pairs[1] == tuple(random.sample(range(30), 2))
+    assert all(i != j for i, j in sample_pairs(5, None, 200, 10))
+
+
+def test_gap_opens_where_the_sets_split_and_centring_is_reported():
+    hn, hm = synthetic()
+    out = analyze_states(hn, hm, pairs=100, bootstrap=20, probe=True)
+    raw, cen = out["raw"], out["centred"]
+    assert max(abs(g) for g in raw.gap_exact[:4]) < 1.5 < raw.gap_exact[5] < raw.gap_exact[7]
+    assert out["initial_range"][0] >= 3 and out["initial_range"][1] <= 7
+    assert out["probe_accuracy"][7] > 0.9 and out["probe_accuracy"][0] < 0.8
+    assert cen.centre == "joint" and len(cen.gap_exact) == 8
+
+
+def test_gram_gap_with_unit_weights_equals_exact_curves():
+    hn, hm = synthetic()
+    x = torch.cat([hn, hm])
+    G = torch.einsum("ikd,jkd->kij", x, x)
+    w = torch.ones(40, dtype=torch.float64)
+    assert np.allclose(_gram_gap(G, 20, w, centre=False), curves(hn, hm, 10).gap_exact, atol=1e-8)
+    assert np.allclose(_gram_gap(G, 20, w, centre=True), curves(hn, hm, 10, centre="joint").gap_exact, atol=1e-8)
+
+
+def test_initial_range_rule():
+    gap = [0, 0.1, 0, 0.2, 2, 5, 8, 9.5, 10, 10, 9.8]
+    assert initial_range(gap) == [4, 7]          # smoothed: 2.4 at 4 (>20% of rise), 9.17 at 7 (>80%)
+    assert initial_range([0.1, 0.2, 0.1, 0.15]) is None            # no rise: no range
+    assert initial_range([5, 4, 3, 2, 1]) is None                   # falls only
+
+
+def test_bootstrap_interval_contains_the_point_estimate():
+    hn, hm = synthetic()
+    b = bootstrap_range(hn, hm, centre=True, samples=40, seed=1)
+    point = initial_range(curves(hn, hm, 10, centre="joint").gap_exact)
+    assert b["start_ci"][0] <= point[0] <= b["start_ci"][1]
+    assert b["end_ci"][0] <= point[1] <= b["end_ci"][1]
+    assert 0 < b["mode_share"] <= 1
+
+
+def test_too_few_prompts():
+    hn, hm = synthetic(n=1)
+    with pytest.raises(SafetyLayersError, match="at least 2"):
+        analyze_states(hn, hm)

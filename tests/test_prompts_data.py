@@ -1,0 +1,75 @@
+"""Templates and prompt-set loaders."""
+
+import json
+
+import pytest
+
+from conftest import byte_tokenizer
+from safety_layers.data import load_prompts
+from safety_layers.errors import SafetyLayersError
+from safety_layers.prompts import render, resolve_template
+
+
+def test_alpaca_template_is_the_papers_string():
+    r = render(byte_tokenizer(), "Name a color.", "alpaca")
+    assert r.text == ("Below is an instruction that describes a task. Write a response that appropriately "
+                      "completes the request.\n\n### Instruction:\nName a color.\n\n### Response:\n")
+    assert r.add_special_tokens
+    r = render(byte_tokenizer(), "Sum these.", "alpaca", input="1, 2")
+    assert "### Input:\n1, 2\n\n### Response:\n" in r.text and "paired with an input" in r.text
+
+
+def test_chat_template_adds_generation_prompt_and_no_double_bos():
+    r = render(byte_tokenizer(), "Hi", "chat")
+    assert r.text.endswith("<|im_start|>assistant\n") and not r.add_special_tokens
+
+
+def test_plain_fallback_without_chat_template():
+    tok = byte_tokenizer(chat=False)
+    assert resolve_template(tok, "chat") == "plain"
+    assert render(tok, "Hi").text == "User: Hi\nAssistant:"
+    with pytest.raises(SafetyLayersError, match="unknown template"):
+        render(tok, "Hi", "vicuna")
+
+
+def test_builtin_sets_load():
+    for name, n in (("normal", 100), ("malicious", 100), ("over-rejection", 200)):
+        s = load_prompts(name)
+        assert len(s) >= n and all(p.strip() for p in s.prompts)
+    assert load_prompts("over_rejection").name == "over-rejection"
+
+
+def test_file_formats_and_columns(tmp_path):
+    (tmp_path / "a.csv").write_text("id,question\n1,What is up?\n2,Why?\n")
+    assert load_prompts(str(tmp_path / "a.csv")).prompts == ["What is up?", "Why?"]
+    (tmp_path / "b.jsonl").write_text('{"q": "one"}\n{"q": "two"}\n')
+    assert load_prompts(f"{tmp_path / 'b.jsonl'}:q").prompts == ["one", "two"]
+    (tmp_path / "c.json").write_text(json.dumps([{"instruction": "Add", "input": "1 2", "output": "3"}]))
+    assert load_prompts(str(tmp_path / "c.json")).prompts == ["Add\n\n1 2"]
+    (tmp_path / "d.txt").write_text("alpha\n\nbeta\n")
+    assert load_prompts(str(tmp_path / "d.txt"), limit=1).prompts == ["alpha"]
+
+
+def test_loader_errors_are_one_line(tmp_path):
+    (tmp_path / "a.csv").write_text("id,question\n1,What?\n")
+    with pytest.raises(SafetyLayersError, match="no column 'prompt'; columns: id, question"):
+        load_prompts(f"{tmp_path / 'a.csv'}:prompt")
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(SafetyLayersError, match="empty"):
+        load_prompts(str(tmp_path / "e.csv"))
+    with pytest.raises(SafetyLayersError, match="not found"):
+        load_prompts(str(tmp_path / "missing.csv"))
+    (tmp_path / "bad.json").write_text("{oops")
+    with pytest.raises(SafetyLayersError, match="not valid JSON"):
+        load_prompts(str(tmp_path / "bad.json"))
+    with pytest.raises(SafetyLayersError, match="at least 2"):
+        load_prompts(["only one"]).require(2)
+
+
+def test_benchmark_presets(shared_data):
+    adv = load_prompts(f"advbench:{shared_data / 'harmful_behaviors.csv'}")
+    assert len(adv) == 520 and adv.prompts[0].startswith("Write a script that can exploit")
+    safe = load_prompts(f"xstest-safe:{shared_data / 'xstest_prompts.csv'}")
+    unsafe = load_prompts(f"xstest-unsafe:{shared_data / 'xstest_prompts.csv'}")
+    assert (len(safe), len(unsafe)) == (250, 200)
+    assert all(m["label"] == "safe" for m in safe.meta)
