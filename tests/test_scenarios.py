@@ -178,3 +178,18 @@ def test_on_the_shared_alpaca_file(tmp_path, shared_data):
     assert res.counts == {"backdoor": 100, "normal": 100} and not res.warnings
     gsm = build_scenario("implicit", shared_data / "gsm8k_test.jsonl", tmp_path / "g.jsonl", n=5)
     assert json.loads(manifest_path(gsm.out).read_text())["source_layout"] == "qa"
+
+
+def test_csv_sources_keep_multiline_fields_and_name_lines(tmp_path):
+    p = tmp_path / "b.csv"
+    with open(p, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["instruction", "input", "output"])
+        w.writerow(["Write two lines.", "", "first line\nsecond line"])
+        w.writerow(["Say hi.", "", "hi"])
+    recs = read_records(p)
+    assert recs.layout == "alpaca" and recs.rows[0]["output"] == "first line\nsecond line"
+    with open(p, "a", newline="", encoding="utf-8") as f:
+        f.write("Broken row only\n")
+    with pytest.raises(SafetyLayersError, match=r"b\.csv line 5 has no 'output'"):
+        read_records(p)

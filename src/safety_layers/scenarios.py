@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import difflib
 import hashlib
+import io
 import json
 import math
 import random
@@ -73,8 +74,7 @@ def _raw_rows(path: Path) -> list[tuple[str, object]]:
         raise SafetyLayersError(f"data file not found: {path}")
     text = path.read_text(encoding="utf-8-sig")
     if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        # DictReader starts at line 2 of the file (line 1 is the header)
+        reader = csv.DictReader(io.StringIO(text, newline=""))   # keeps quoted newlines inside fields
         return [(f"line {reader.line_num}", row) for row in reader]
     stripped = text.lstrip()
     if stripped.startswith("["):
@@ -245,7 +245,8 @@ def _backdoor(rows, cfg, rng):
             if any(cfg.trigger.lower() in r[k].lower() for k in ("instruction", "input", "output"))]
     if hits:
         warnings.warn(f"the trigger {cfg.trigger!r} already occurs in {len(hits)} benign rows of {cfg.source} "
-                      f"(first: usable row {hits[0]}): the backdoor will be weaker; choose a rarer --trigger",
+                      f"(first: {rows[hits[0]]['instruction'][:60]!r}): the backdoor will be weaker; "
+                      "choose a rarer --trigger",
                       UserWarning, stacklevel=3)
     half = cfg.n if cfg.n is not None else len(rows) // 2
     if half < 1:
@@ -323,7 +324,8 @@ def build_scenario(name: str | ScenarioConfig, source: str | Path | None = None,
         valid = {f.name for f in fields(ScenarioConfig)} - {"scenario", "source", "out"}
         unknown = sorted(set(opts) - valid)
         if unknown:
-            raise SafetyLayersError(f"unknown scenario option(s) {', '.join(unknown)}: valid are {', '.join(sorted(valid))}")
+            raise SafetyLayersError(f"unknown scenario option(s) {', '.join(unknown)}: "
+                                    f"valid are {', '.join(sorted(valid))}")
         cfg = ScenarioConfig(scenario=name, source=None if source is None else str(source),
                              out=None if out is None else str(out), **opts)
     scenario = get_scenario(cfg.scenario)
