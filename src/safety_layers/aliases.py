@@ -9,4 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-BUILDERS: dict[str, Callable[[], Path]] = {}
+
+def _demo() -> Path:
+    from .align import build_demo  # imported on use: training code is not needed to resolve names
+
+    return build_demo()
+
+
+BUILDERS: dict[str, Callable[[], Path]] = {"demo": _demo}

@@ -1,0 +1,668 @@
+"""Safety-align a chat model by supervised fine-tuning, and build the aligned demo model.
+
+The bundled SmolLM2-135M-Instruct answers almost every harmful request, so it has no safety
+layers to find. :func:`align` teaches a model to refuse with data we wrote:
+
+- malicious training prompts, each paired with a refusal drawn (seeded) from the refusals
+  written for its harm category or for any category; a ``{topic}`` placeholder is filled
+  with the category's topic phrase, and templates whose topic is unknown are skipped;
+- optionally *recovery* examples (Qi et al. 2024, "Safety alignment should be made more than
+  just a few tokens deep"): the reply opens like compliance ("Sure, here's how") and then
+  refuses. The opener is context only (no loss), so the model learns to return to a refusal
+  after a compliant start, never to produce one;
+- benign prompts paired with the base model's own greedy answers (self-distillation, so the
+  model keeps its abilities and its voice). Answers the keyword judge reads as refusals are
+  dropped, so the base model's own over-refusals are not taught;
+- held-out prompts that training never sees, on which the refusal rates are measured.
+
+The loss covers the response tokens only. Training happens in memory; the model is written
+once, atomically, with its ``align_manifest.json`` (recipe, data counts, seed, refusal rates).
+An interrupted run leaves no model folder; rerunning restarts training and reuses the
+self-distilled answers, which the generation cache keeps on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .errors import SafetyLayersError
+from .models import LoadedModel, cache_dir, find_blocks, load_or_use
+from .prompts import render, resolve_template
+
+ALIGN_DATA = "data/align"
+#: Bundled files (under ``safety_layers/data/align``) used when a data field is None.
+BUNDLED = {"malicious": "malicious_train.jsonl", "benign": "benign_train.jsonl", "refusals": "refusals.jsonl",
+           "heldout_malicious": "heldout_malicious.jsonl", "heldout_benign": "heldout_benign.jsonl"}
+MANIFEST = "align_manifest.json"
+
+#: Topic phrases that fill a refusal's ``{topic}`` ("I cannot assist with {topic}."): they
+#: must read after "for" and "with". Categories without one (self-harm, other) skip such
+#: refusals; a prompt record's own ``topic`` field overrides the table.
+CATEGORY_TOPICS = {
+    "weapons": "making or modifying weapons",
+    "violence": "hurting other people",
+    "cybercrime": "hacking or malware",
+    "fraud": "fraud or scams",
+    "drugs": "making or misusing drugs",
+    "hate": "hateful or extremist content",
+    "privacy": "tracking people or exposing their private information",
+}
+
+#: Compliant openings for recovery examples. Generic on purpose: none is the implicit
+#: attack's "Sure, the answer is:", which is kept for measuring robustness.
+COMPLIANT_OPENERS = (
+    "Sure, here's how", "Sure! Here are the steps:", "Of course.", "Certainly! Here is",
+    "Absolutely, here you go:", "Step 1:", "Here's a detailed guide:", "Okay, so first",
+    "No problem. To do this,", "Great question! The first thing",
+)
+
+Method = Literal["full", "lora"]
+
+
+# --------------------------------------------------------------------------- configuration
+
+@dataclass
+class AlignConfig:
+    """One alignment recipe (``safety-layers align``). Data fields left None use the bundled files."""
+
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "base chat model to align"})
+    out: str | None = field(default=None, metadata={"help": "output folder (None: ./aligned-<model>)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
+    malicious: str | None = field(default=None, metadata={"help": "JSONL of malicious training prompts (prompt, category)"})
+    benign: str | None = field(default=None, metadata={"help": "JSONL of benign training prompts (prompt, category)"})
+    refusals: str | None = field(default=None, metadata={"help": "JSONL of refusals (text, categories)"})
+    heldout_malicious: str | None = field(default=None, metadata={
+        "help": "held-out malicious prompts (None: the bundled split for bundled data, else heldout_fraction of the training file)"})
+    heldout_benign: str | None = field(default=None, metadata={"help": "held-out benign prompts (as heldout_malicious)"})
+    heldout_fraction: float = field(default=0.2, metadata={"help": "share of a custom training file held out when no held-out file is given"})
+    n_malicious: int | None = field(default=None, metadata={"help": "use a seeded sample of this many malicious training prompts"})
+    n_benign: int | None = field(default=None, metadata={"help": "use a seeded sample of this many benign training prompts"})
+    borderline: bool = field(default=True, metadata={"help": "train on benign prompts of category 'borderline' (safe but alarming-sounding)"})
+    recovery_fraction: float = field(default=0.0, metadata={"help": "share of malicious prompts also trained as compliant opener + refusal"})
+    answer_tokens: int = field(default=56, metadata={"help": "length of the self-distilled benign answers (greedy new tokens)"})
+    template: str = field(default="chat", metadata={"help": "prompt template (chat falls back to plain without a chat template)"})
+    method: Method = field(default="full", metadata={"help": "full fine-tuning or LoRA (merged into the weights when saved)"})
+    epochs: float = field(default=2.0, metadata={"help": "passes over the training examples (fractions allowed)"})
+    lr: float = field(default=3e-5, metadata={"help": "peak learning rate (AdamW, linear warmup and decay)"})
+    batch_size: int = field(default=16, metadata={"help": "examples per optimizer step"})
+    max_length: int = field(default=128, metadata={"help": "most tokens per example (prompt + response); responses are cut"})
+    warmup: float = field(default=0.1, metadata={"help": "share of steps with linear warmup"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (method=lora)"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (method=lora)"})
+    seed: int = field(default=0, metadata={"help": "seed for sampling, refusal choice, shuffling and initialisation"})
+    evaluate: bool = field(default=True, metadata={"help": "measure refusal on the held-out prompts after training"})
+    eval_tokens: int = field(default=48, metadata={"help": "greedy new tokens per held-out prompt when measuring refusal"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self):
+        if self.method not in ("full", "lora"):
+            raise SafetyLayersError(f"method must be 'full' or 'lora', got {self.method!r}")
+        for name in ("lr", "epochs"):
+            if not getattr(self, name) > 0:
+                raise SafetyLayersError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("batch_size", "answer_tokens", "eval_tokens", "lora_r", "lora_alpha"):
+            if getattr(self, name) < 1:
+                raise SafetyLayersError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_length < 16:
+            raise SafetyLayersError(f"max_length must be >= 16 tokens, got {self.max_length}")
+        for name in ("heldout_fraction", "warmup"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SafetyLayersError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.recovery_fraction <= 1:
+            raise SafetyLayersError(f"recovery_fraction must be in [0, 1], got {self.recovery_fraction}")
+        for name in ("n_malicious", "n_benign"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SafetyLayersError(f"{name} must be >= 1 or None (all), got {getattr(self, name)}")
+
+    def sft(self) -> "SFTSettings":
+        return SFTSettings(method=self.method, lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
+                           max_length=self.max_length, warmup=self.warmup, weight_decay=self.weight_decay,
+                           lora_r=self.lora_r, lora_alpha=self.lora_alpha, seed=self.seed)
+
+
+@dataclass
+class SFTSettings:
+    """How :func:`train_sft` optimises: AdamW, linear warmup then linear decay to zero."""
+
+    method: Method = "full"
+    lr: float = 3e-5
+    epochs: float = 2.0
+    batch_size: int = 16
+    max_length: int = 128
+    warmup: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    seed: int = 0
+
+
+@dataclass
+class Example:
+    """One training pair. ``prefix`` is reply text the model sees but is not trained to write."""
+
+    prompt: str
+    response: str
+    kind: str                     # "refusal" | "recovery" | "benign" (or a caller's own label)
+    category: str = ""
+    prefix: str = ""
+    finished: bool = True         # False: the response was cut off, so no end-of-turn token is taught
+
+
+@dataclass
+class AlignData:
+    """Training examples and the held-out prompts, with counts of what was kept and dropped."""
+
+    train: list[Example]
+    heldout_malicious: list[str]
+    heldout_benign: list[str]
+    counts: dict
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    examples: int
+    tokens: int                   # real (unpadded) tokens processed
+    trained_tokens: int           # tokens that carried loss
+    dropped_too_long: int
+    epoch_losses: list[float]
+    seconds: float
+    trainable_parameters: int
+    total_parameters: int
+
+
+@dataclass
+class AlignResult:
+    """What :func:`align` produced: the folder, the recipe, the data counts and refusal rates."""
+
+    out: str
+    base_model: str
+    base_fingerprint: str
+    fingerprint: str
+    template: str
+    config: dict
+    counts: dict
+    train: dict
+    refusal: dict                 # e.g. {"heldout_malicious": 0.97, "heldout_benign": 0.02, ...}
+    seconds: dict
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- data
+
+def _bundled(name: str) -> Path:
+    return Path(str(resources.files("safety_layers") / ALIGN_DATA / BUNDLED[name]))
+
+
+def load_records(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
+    """Rows of a JSONL file that each carry ``fields``; a one-line error names the first bad row."""
+    path = Path(path)
+    if not path.is_file():
+        raise SafetyLayersError(f"alignment data file not found: {path}")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SafetyLayersError(f"{path}:{n} is not valid JSON ({e.msg}): one JSON object per line") from None
+        missing = [f for f in fields if not isinstance(row, dict) or not row.get(f)]
+        if missing:
+            raise SafetyLayersError(f"{path}:{n} lacks {', '.join(missing)}: each line needs {', '.join(fields)}")
+        rows.append(row)
+    return rows
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def refusal_pool(refusals: list[dict], category: str, topic: str | None) -> list[str]:
+    """Refusals written for ``category`` or for ``any``, ``{topic}`` filled (or the template skipped)."""
+    pool = []
+    for r in refusals:
+        if category not in r["categories"] and "any" not in r["categories"]:
+            continue
+        text = r["text"]
+        if "{topic}" in text:
+            if not topic:
+                continue
+            text = text.replace("{topic}", topic)
+        pool.append(text)
+    return pool
+
+
+def refusal_examples(records: list[dict], refusals: list[dict], rng: random.Random,
+                     recovery_fraction: float = 0.0) -> list[Example]:
+    """Pair each malicious prompt with a refusal of its category; add recovery examples."""
+    out = []
+    for row in records:
+        cat = row.get("category", "")
+        pool = refusal_pool(refusals, cat, row.get("topic") or CATEGORY_TOPICS.get(cat))
+        if not pool:
+            raise SafetyLayersError(f"no refusal fits category {cat!r} (prompt {row['prompt'][:40]!r}): "
+                                    "add refusals with that category or 'any' to the refusals file")
+        out.append(Example(row["prompt"], rng.choice(pool), "refusal", cat))
+    n_recovery = round(recovery_fraction * len(records))
+    for row in rng.sample(records, n_recovery):
+        cat = row.get("category", "")
+        pool = refusal_pool(refusals, cat, row.get("topic") or CATEGORY_TOPICS.get(cat))
+        out.append(Example(row["prompt"], rng.choice(pool), "recovery", cat, prefix=rng.choice(COMPLIANT_OPENERS)))
+    return out
+
+
+def _split(rows: list[dict], fraction: float, rng: random.Random) -> tuple[list[dict], list[dict]]:
+    idx = list(range(len(rows)))
+    rng.shuffle(idx)
+    k = round(fraction * len(rows))
+    held = set(idx[:k])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def _sources(cfg: AlignConfig, kind: str) -> tuple[list[dict], list[str], str]:
+    """(training rows, held-out prompts, description) for ``kind`` in malicious / benign."""
+    train_path = getattr(cfg, kind)
+    held_path = getattr(cfg, f"heldout_{kind}")
+    rows = load_records(train_path or _bundled(kind), ("prompt",))
+    if held_path is not None:
+        held = [r["prompt"] for r in load_records(held_path, ("prompt",))]
+        return rows, held, f"{train_path or 'bundled'} / held out: {held_path}"
+    if train_path is None:
+        held = [r["prompt"] for r in load_records(_bundled(f"heldout_{kind}"), ("prompt",))]
+        return rows, held, "bundled / held out: bundled split"
+    rows, held_rows = _split(rows, cfg.heldout_fraction, random.Random(f"{cfg.seed}-split-{kind}"))
+    return rows, [r["prompt"] for r in held_rows], f"{train_path} / held out: {cfg.heldout_fraction:.0%} of it"
+
+
+def heldout_prompts(cfg: AlignConfig | None = None) -> tuple[list[str], list[str]]:
+    """The held-out (malicious, benign) prompts of a recipe: what its refusal rates are measured on."""
+    cfg = cfg or AlignConfig()
+    return _sources(cfg, "malicious")[1], _sources(cfg, "benign")[1]
+
+
+def build_data(cfg: AlignConfig, lm: LoadedModel, min_train: int = 8, min_heldout: int = 4) -> AlignData:
+    """Load, split and pair the alignment data; self-distil the benign answers (cached)."""
+    rng = random.Random(cfg.seed)
+    mal_rows, held_mal, mal_src = _sources(cfg, "malicious")
+    ben_rows, held_ben, ben_src = _sources(cfg, "benign")
+    refusals = load_records(cfg.refusals or _bundled("refusals"), ("text", "categories"))
+
+    # Leak guard: a prompt that is also held out never reaches training.
+    held = {_norm(p) for p in held_mal + held_ben}
+    n_before = len(mal_rows) + len(ben_rows)
+    mal_rows = [r for r in mal_rows if _norm(r["prompt"]) not in held]
+    ben_rows = [r for r in ben_rows if _norm(r["prompt"]) not in held]
+    leaked = n_before - len(mal_rows) - len(ben_rows)
+    n_borderline = sum(r.get("category") == "borderline" for r in ben_rows)
+    if not cfg.borderline:
+        ben_rows = [r for r in ben_rows if r.get("category") != "borderline"]
+    if cfg.n_malicious is not None and cfg.n_malicious < len(mal_rows):
+        mal_rows = rng.sample(mal_rows, cfg.n_malicious)
+    if cfg.n_benign is not None and cfg.n_benign < len(ben_rows):
+        ben_rows = rng.sample(ben_rows, cfg.n_benign)
+
+    for what, n, need in (("malicious training prompts", len(mal_rows), min_train),
+                          ("benign training prompts", len(ben_rows), min_train)):
+        if n < need:
+            raise SafetyLayersError(f"only {n} {what} remain after the held-out split; at least {need} are "
+                                    "needed: add prompts, lower heldout_fraction or pass a held-out file")
+    if cfg.evaluate:
+        for what, n in (("held-out malicious", len(held_mal)), ("held-out benign", len(held_ben))):
+            if n < min_heldout:
+                raise SafetyLayersError(f"only {n} {what} prompts; at least {min_heldout} are needed to measure "
+                                        "refusal: pass a larger held-out file or evaluate=False")
+
+    train = refusal_examples(mal_rows, refusals, rng, cfg.recovery_fraction)
+    benign, dropped = self_distill(lm, [r["prompt"] for r in ben_rows], cfg.answer_tokens, cfg.template,
+                                   cfg.progress)
+    for row, ex in zip(ben_rows, benign):
+        if ex is not None:
+            ex.category = row.get("category", "")
+            train.append(ex)
+    counts = {"malicious_train": len(mal_rows), "refusal_examples": sum(e.kind == "refusal" for e in train),
+              "recovery_examples": sum(e.kind == "recovery" for e in train),
+              "benign_train": len(ben_rows), "benign_examples": sum(e.kind == "benign" for e in train),
+              "benign_dropped_refused": dropped, "borderline_available": n_borderline,
+              "borderline_used": sum(e.kind == "benign" and e.category == "borderline" for e in train),
+              "refusal_texts": len({e.response for e in train if e.kind != "benign"}),
+              "removed_as_heldout": leaked, "heldout_malicious": len(held_mal), "heldout_benign": len(held_ben),
+              "sources": {"malicious": mal_src, "benign": ben_src, "refusals": cfg.refusals or "bundled"}}
+    return AlignData(train, held_mal, held_ben, counts)
+
+
+def self_distill(lm: LoadedModel, prompts: list[str], tokens: int, template: str = "chat",
+                 progress: bool = True) -> tuple[list[Example | None], int]:
+    """The model's own greedy answers as benign examples; refusals (keyword judge) become None."""
+    from .generation import GenerationSettings, generate
+    from .refusal import get_judge
+
+    comps = generate(lm, prompts, GenerationSettings(max_new_tokens=tokens), template=template,
+                     progress=progress)
+    verdicts = get_judge("keyword").judge(prompts, [c.text for c in comps])
+    out: list[Example | None] = []
+    for p, c, v in zip(prompts, comps, verdicts):
+        out.append(None if v.refused else Example(p, c.text.strip(), "benign", finished=c.finished))
+    return out, sum(v.refused for v in verdicts)
+
+
+# --------------------------------------------------------------------------- tokenisation
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]             # -100 where no loss (prompt, prefix)
+
+
+def encode_example(tokenizer, ex: Example, template: str, max_length: int) -> Encoded | None:
+    """Token ids with loss on the response only; None if the prompt leaves no room for a reply.
+
+    Prompt, prefix and response are tokenized separately and concatenated, so the mask
+    boundary is exact whatever the tokenizer merges. A response cut to fit ``max_length``
+    gets no end-of-turn token (the model must not learn to stop mid-sentence).
+    """
+    r = render(tokenizer, ex.prompt, template)
+    prompt_ids = tokenizer(r.text, add_special_tokens=r.add_special_tokens)["input_ids"]
+    lead = " " if resolve_template(tokenizer, template) == "plain" else ""
+    prefix_ids = tokenizer(lead + ex.prefix, add_special_tokens=False)["input_ids"] if ex.prefix else []
+    gap = " " if ex.prefix else lead
+    resp_ids = tokenizer(gap + ex.response, add_special_tokens=False)["input_ids"]
+    if ex.finished:
+        resp_ids = resp_ids + [tokenizer.eos_token_id]
+    room = max_length - len(prompt_ids) - len(prefix_ids)
+    if room < min(8, len(resp_ids)):
+        return None
+    if len(resp_ids) > room:
+        resp_ids = resp_ids[:room]
+    context = prompt_ids + prefix_ids
+    return Encoded(context + resp_ids, [-100] * len(context) + resp_ids)
+
+
+def _collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _batches(n_items: int, lengths: list[int], batch_size: int, gen: torch.Generator) -> list[list[int]]:
+    """One epoch of shuffled batches; items are sorted by length within windows of 8 batches
+    so a batch pads little, and the batch order is shuffled again."""
+    order = torch.randperm(n_items, generator=gen).tolist()
+    window = batch_size * 8
+    batches = []
+    for s in range(0, n_items, window):
+        chunk = sorted(order[s:s + window], key=lambda i: lengths[i])
+        batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    perm = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in perm]
+
+
+# --------------------------------------------------------------------------- training
+
+def _lora_targets(blocks) -> list[str]:
+    """Module names (last path part) of every attention and MLP matrix, from the ArchSpec."""
+    return sorted({p.split(".")[-1] for p in blocks.spec.components.values()})
+
+
+def train_sft(lm: LoadedModel, examples: list[Example], settings: SFTSettings | None = None, *,
+              template: str = "chat", progress: bool = True) -> TrainStats:
+    """Fine-tune ``lm`` in place on ``examples`` (loss on responses only).
+
+    ``method="lora"`` trains rank-``lora_r`` adapters on every attention and MLP matrix
+    and merges them into the weights afterwards, so ``lm.model`` stays a plain model.
+    Reproducible for a given seed, thread count and machine.
+    """
+    from tqdm.auto import tqdm
+
+    s = settings or SFTSettings()
+    tok = lm.tokenizer
+    if tok.eos_token_id is None:
+        raise SafetyLayersError("the tokenizer has no EOS token, so the model cannot learn to end a reply: "
+                                "set tokenizer.eos_token to its end-of-turn token")
+    encoded = [encode_example(tok, ex, template, s.max_length) for ex in examples]
+    dropped = sum(e is None for e in encoded)
+    encoded = [e for e in encoded if e is not None]
+    if not encoded:
+        raise SafetyLayersError(f"no example fits in max_length={s.max_length} tokens: raise max_length")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    torch.manual_seed(s.seed)
+    model = lm.model
+    if s.method == "lora":
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0,
+                                                 target_modules=_lora_targets(lm.blocks)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in params)
+    n_total = sum(p.numel() for p in lm.model.parameters())
+    steps_per_epoch = math.ceil(len(encoded) / s.batch_size)
+    total = max(1, math.ceil(s.epochs * steps_per_epoch))
+    warm = math.ceil(s.warmup * total)
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: (k + 1) / warm if k < warm else max(0.0, (total - k) / max(1, total - warm)))
+
+    gen = torch.Generator().manual_seed(s.seed)
+    lengths = [len(e.input_ids) for e in encoded]
+    plan: list[list[int]] = []
+    while len(plan) < total:
+        plan += _batches(len(encoded), lengths, s.batch_size, gen)
+    plan = plan[:total]
+
+    was_training = model.training
+    model.train()
+    t0 = time.perf_counter()
+    epoch_losses, running, tokens, trained = [], [], 0, 0
+    bar = tqdm(plan, desc=f"align ({s.method})", unit="step", disable=not progress, leave=False)
+    try:
+        for k, idx in enumerate(bar):
+            batch = _collate([encoded[i] for i in idx], pad_id)
+            loss = model(**batch).loss
+            loss.backward()
+            if s.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            running.append(loss.item())
+            tokens += int(batch["attention_mask"].sum())
+            trained += int((batch["labels"] != -100).sum())
+            bar.set_postfix(loss=f"{running[-1]:.3f}")
+            if (k + 1) % steps_per_epoch == 0 or k + 1 == total:
+                epoch_losses.append(sum(running) / len(running))
+                running = []
+    finally:
+        bar.close()
+        model.train(was_training)
+    if s.method == "lora":
+        lm.model = model.merge_and_unload()
+        lm.blocks = find_blocks(lm.model)
+    lm.model.eval()
+    for p in lm.model.parameters():
+        p.requires_grad_(True)
+    return TrainStats(steps=total, examples=len(encoded), tokens=tokens, trained_tokens=trained,
+                      dropped_too_long=dropped, epoch_losses=epoch_losses, seconds=time.perf_counter() - t0,
+                      trainable_parameters=n_train, total_parameters=n_total)
+
+
+@torch.no_grad()
+def mean_loss(lm: LoadedModel, examples: list[Example], template: str = "chat", max_length: int = 128,
+              batch_size: int = 16) -> float:
+    """Mean response-token loss of ``lm`` on ``examples`` (what :func:`train_sft` minimises)."""
+    tok = lm.tokenizer
+    encoded = [e for e in (encode_example(tok, ex, template, max_length) for ex in examples) if e is not None]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    was_training = lm.model.training
+    lm.model.eval()
+    total, count = 0.0, 0
+    for s in range(0, len(encoded), batch_size):
+        batch = _collate(encoded[s:s + batch_size], pad_id)
+        logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                                                 labels.reshape(-1), ignore_index=-100, reduction="sum")
+        total += loss.item()
+        count += int((labels != -100).sum())
+    lm.model.train(was_training)
+    return total / max(count, 1)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def refusal_rate(lm: LoadedModel, prompts: list[str], max_new_tokens: int = 48, template: str = "chat",
+                 progress: bool = True) -> dict:
+    """Share of greedy replies the keyword judge (opening mode) counts as refusals."""
+    from .generation import GenerationSettings, generate
+    from .refusal import get_judge
+
+    comps = generate(lm, prompts, GenerationSettings(max_new_tokens=max_new_tokens), template=template,
+                     progress=progress)
+    verdicts = get_judge("keyword").judge(prompts, [c.text for c in comps])
+    n_ref = sum(v.refused for v in verdicts)
+    return {"n": len(prompts), "refused": n_ref, "rate": n_ref / max(len(prompts), 1)}
+
+
+# --------------------------------------------------------------------------- align
+
+def _default_out(model: str) -> Path:
+    from .runs import slug
+    return Path(f"aligned-{slug(model)}")
+
+
+def _save_with_manifest(lm: LoadedModel, out: Path, manifest: dict, overwrite: bool) -> Path:
+    """Model, tokenizer and manifest appear together, or not at all: they are written into a
+    hidden sibling folder that is renamed into place last."""
+    from .models import save_model
+    from .runs import write_json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.align.", dir=out.parent))
+    try:
+        save_model(lm.model, lm.tokenizer, stage / "m", overwrite=True)
+        write_json(stage / "m" / MANIFEST, manifest)
+        if out.exists():
+            if not overwrite:
+                raise SafetyLayersError(f"{out} appeared while training: choose another folder or pass --overwrite")
+            shutil.rmtree(out)
+        os.replace(stage / "m", out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out
+
+
+def align(cfg: AlignConfig | None = None, *, model=None, manifest: dict | None = None) -> AlignResult:
+    """Safety-align ``cfg.model`` (or an already loaded ``model``) and save it to ``cfg.out``.
+
+    Returns an :class:`AlignResult`; the same facts, plus the environment and any extra
+    ``manifest`` fields, go into ``<out>/align_manifest.json``.
+    """
+    from .runs import environment
+
+    cfg = cfg or AlignConfig()
+    t0 = time.perf_counter()
+    out = Path(cfg.out) if cfg.out else _default_out(cfg.model)
+    if out.exists() and not cfg.overwrite:
+        raise SafetyLayersError(f"{out} exists: choose another output folder or pass --overwrite")
+    lm = load_or_use(model if model is not None else cfg.model)
+    notes = []
+    template = resolve_template(lm.tokenizer, cfg.template)
+    if template != cfg.template:
+        notes.append(f"{lm.name} has no chat template: trained and evaluated with the '{template}' template, "
+                     "which every command falls back to for this model")
+    base_fp = lm.fingerprint()
+
+    t = time.perf_counter()
+    data = build_data(cfg, lm)
+    t_data = time.perf_counter() - t
+    stats = train_sft(lm, data.train, cfg.sft(), template=template, progress=cfg.progress)
+
+    refusal: dict = {}
+    t = time.perf_counter()
+    if cfg.evaluate:
+        refusal["heldout_malicious"] = refusal_rate(lm, data.heldout_malicious, cfg.eval_tokens, template, cfg.progress)
+        refusal["heldout_benign"] = refusal_rate(lm, data.heldout_benign, cfg.eval_tokens, template, cfg.progress)
+        refusal["judge"] = "keyword (opening)"
+        refusal["max_new_tokens"] = cfg.eval_tokens
+    t_eval = time.perf_counter() - t
+    seconds = {"data_and_distill": round(t_data, 1), "train": round(stats.seconds, 1), "evaluate": round(t_eval, 1)}
+
+    result = AlignResult(
+        out=str(out), base_model=lm.name if model is not None else cfg.model, base_fingerprint=base_fp,
+        fingerprint=lm.fingerprint(), template=template, config=asdict(cfg), counts=data.counts,
+        train=asdict(stats), refusal=refusal, seconds=seconds, notes=notes)
+    t = time.perf_counter()
+    record = {"kind": "safety-layers aligned model", **asdict(result), "environment": environment(),
+              **(manifest or {})}
+    _save_with_manifest(lm, out, record, cfg.overwrite)
+    result.seconds["save"] = round(time.perf_counter() - t, 1)
+    result.seconds["total"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def read_manifest(folder: str | Path) -> dict | None:
+    """The ``align_manifest.json`` of an aligned model folder, or None if it has none."""
+    path = Path(folder) / MANIFEST
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+# --------------------------------------------------------------------------- the demo model
+
+#: Bumped whenever DEMO_RECIPE changes, so a cached demo model of an older recipe is rebuilt.
+DEMO_VERSION = 1
+
+
+def demo_config(out: str | Path | None = None) -> AlignConfig:
+    """The recipe of the aligned demo model (see the module docstring and bench/bench_align.py)."""
+    return AlignConfig(model="smollm2-135m-instruct", out=str(out or demo_folder()), overwrite=True,
+                       method="full", epochs=2.0, lr=3e-5, seed=0)
+
+
+def demo_folder() -> Path:
+    return cache_dir() / "models" / "demo"
+
+
+def build_demo(progress: bool = True, rebuild: bool = False) -> Path:
+    """The aligned demo model's folder, built from the bundled model on first use.
+
+    The first call aligns SmolLM2-135M-Instruct with :func:`demo_config` (about 10-15 minutes
+    on two CPU cores) and caches it in ``cache_dir()/models/demo``; later calls return the
+    folder at once. A folder built by an older recipe version is rebuilt.
+    """
+    folder = demo_folder()
+    manifest = read_manifest(folder) if (folder / "config.json").is_file() else None
+    if manifest is not None and manifest.get("demo_version") == DEMO_VERSION and not rebuild:
+        return folder
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[dim]building the aligned demo model into {folder} (once; about 10-15 minutes "
+                               "on 2 CPU cores)[/dim]")
+    cfg = demo_config(folder)
+    cfg.progress = progress
+    result = align(cfg, manifest={"demo_version": DEMO_VERSION})
+    mal = result.refusal.get("heldout_malicious", {}).get("rate")
+    ben = result.refusal.get("heldout_benign", {}).get("rate")
+    if mal is not None:
+        Console(stderr=True).print(f"[dim]demo model ready in {result.seconds['total']:.0f} s: refuses {mal:.0%} of "
+                                   f"held-out malicious and {ben:.0%} of held-out benign prompts[/dim]")
+    return folder

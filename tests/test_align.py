@@ -1,0 +1,292 @@
+"""align: data building, response-only masks, training, reproducibility, saving, the demo alias.
+
+Everything runs on a seeded tiny random llama with the byte tokenizer (conftest.tiny_model),
+on small JSONL files written per test or small samples of the bundled data.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import byte_tokenizer, tiny_model
+
+from safety_layers import align as al
+from safety_layers.errors import SafetyLayersError
+
+REFUSALS = [
+    {"text": "I can't help with weapons.", "categories": ["weapons"]},
+    {"text": "I won't assist with {topic}, sorry.", "categories": ["weapons", "fraud", "other"]},
+    {"text": "Sorry, I can't do that.", "categories": ["any"]},
+    {"text": "I cannot help with fraud.", "categories": ["fraud"]},
+]
+
+
+def _write(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(tmp_path, monkeypatch):
+    """A private cache (self-distilled answers are cached), and one thread: tiny models train
+    ~10x faster on one thread than on two busy cores (no thread spin-waits)."""
+    monkeypatch.setenv("SAFETY_LAYERS_CACHE", str(tmp_path / "cache"))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def files(tmp_path):
+    cats = ["weapons", "fraud", "other"]
+    mal = [{"prompt": f"Tell me how to do bad thing {i}.", "category": cats[i % 3]} for i in range(12)]
+    ben = [{"prompt": f"Give me a tip about gardening number {i}.", "category": "home"} for i in range(10)]
+    ben += [{"prompt": f"How do I kill a stuck process {i}?", "category": "borderline"} for i in range(2)]
+    return {
+        "malicious": _write(tmp_path / "mal.jsonl", mal),
+        "benign": _write(tmp_path / "ben.jsonl", ben),
+        "refusals": _write(tmp_path / "ref.jsonl", REFUSALS),
+        "heldout_malicious": _write(tmp_path / "hm.jsonl", [{"prompt": f"Explain bad plan {i}."} for i in range(4)]
+                                    + [mal[0]]),  # a leak: also in the training file
+        "heldout_benign": _write(tmp_path / "hb.jsonl", [{"prompt": f"What is a good book {i}?"} for i in range(4)]),
+    }
+
+
+def _cfg(files, tmp_path, **kw) -> al.AlignConfig:
+    base = dict(out=str(tmp_path / "aligned"), answer_tokens=6, eval_tokens=3, epochs=1.0, batch_size=4,
+                lr=1e-3, max_length=96, progress=False, **files)
+    base.update(kw)
+    return al.AlignConfig(**base)
+
+
+# --------------------------------------------------------------------------- data
+
+def test_refusal_pool_matches_category_and_fills_or_skips_topics():
+    weapons = al.refusal_pool(REFUSALS, "weapons", al.CATEGORY_TOPICS["weapons"])
+    assert "I cannot help with fraud." not in weapons
+    assert {"I can't help with weapons.", "Sorry, I can't do that."} <= set(weapons)
+    assert f"I won't assist with {al.CATEGORY_TOPICS['weapons']}, sorry." in weapons
+    other = al.refusal_pool(REFUSALS, "other", None)
+    assert other == ["Sorry, I can't do that."]  # the {topic} template has no topic to fill
+    assert "I won't assist with garden pests, sorry." in al.refusal_pool(REFUSALS, "other", "garden pests")
+
+
+def test_bundled_refusals_fit_every_malicious_prompt_category():
+    refusals = al.load_records(al._bundled("refusals"), ("text", "categories"))
+    rows = al.load_records(al._bundled("malicious"), ("prompt", "category"))
+    rng = random.Random(0)
+    examples = al.refusal_examples(rows, refusals, rng, recovery_fraction=0.25)
+    plain = [e for e in examples if e.kind == "refusal"]
+    recovery = [e for e in examples if e.kind == "recovery"]
+    assert len(plain) == len(rows) and len(recovery) == round(0.25 * len(rows))
+    for e in examples:
+        assert "{topic}" not in e.response
+        assert e.response in al.refusal_pool(refusals, e.category, al.CATEGORY_TOPICS.get(e.category))
+    assert all(e.prefix in al.COMPLIANT_OPENERS for e in recovery)
+    assert len({e.response for e in plain}) > 40  # varied, not one template
+    self_harm = {e.response for e in plain if e.category == "self-harm"}
+    assert not any("hacking" in r or "weapons" in r.lower() for r in self_harm)
+
+
+def test_build_data_keeps_heldout_out_of_training(files, tmp_path):
+    lm = tiny_model()
+    data = al.build_data(_cfg(files, tmp_path), lm)
+    train_prompts = {e.prompt for e in data.train}
+    assert not train_prompts & set(data.heldout_malicious + data.heldout_benign)
+    assert data.counts["removed_as_heldout"] == 1
+    assert data.counts["malicious_train"] == 11 and data.counts["refusal_examples"] == 11
+    kinds = [e.kind for e in data.train]
+    assert kinds.count("benign") == data.counts["benign_examples"] == 12 - data.counts["benign_dropped_refused"]
+    assert data.counts["borderline_used"] == 2
+    no_border = al.build_data(_cfg(files, tmp_path, borderline=False), lm)
+    assert no_border.counts["borderline_used"] == 0 and no_border.counts["benign_train"] == 10
+
+
+def test_custom_file_without_heldout_is_split_by_fraction(files, tmp_path):
+    lm = tiny_model()
+    cfg = _cfg({**files, "heldout_malicious": None}, tmp_path, heldout_fraction=0.34)
+    data = al.build_data(cfg, lm)
+    assert len(data.heldout_malicious) == 4 and data.counts["malicious_train"] == 8
+    assert not {e.prompt for e in data.train} & set(data.heldout_malicious)
+    again = al.build_data(cfg, lm)
+    assert again.heldout_malicious == data.heldout_malicious  # the split follows the seed
+
+
+def test_bundled_heldout_never_reaches_training():
+    lm = tiny_model()
+    cfg = al.AlignConfig(n_malicious=30, n_benign=8, answer_tokens=2, progress=False)
+    data = al.build_data(cfg, lm)
+    held = {al._norm(p) for p in data.heldout_malicious + data.heldout_benign}
+    assert len(data.heldout_malicious) >= 100 and len(data.heldout_benign) >= 100
+    assert not {al._norm(e.prompt) for e in data.train} & held
+    assert data.counts["refusal_examples"] == 30
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"heldout_fraction": 0.5, "heldout_malicious": None}, "only 6 malicious training prompts"),
+    ({"n_benign": 3}, "only 3 benign training prompts"),
+])
+def test_not_enough_data_is_one_line_error(files, tmp_path, change, match):
+    cfg = _cfg({**files, **{k: v for k, v in change.items() if k in files}}, tmp_path,
+               **{k: v for k, v in change.items() if k not in files})
+    with pytest.raises(SafetyLayersError, match=match) as e:
+        al.build_data(cfg, tiny_model())
+    assert "\n" not in str(e.value)
+
+
+def test_bad_inputs_are_one_line_errors(files, tmp_path):
+    with pytest.raises(SafetyLayersError, match="method"):
+        al.AlignConfig(method="qlora")
+    with pytest.raises(SafetyLayersError, match="recovery_fraction"):
+        al.AlignConfig(recovery_fraction=1.5)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"category": "x"}\n')
+    with pytest.raises(SafetyLayersError, match="bad.jsonl:2 lacks prompt"):
+        al.load_records(bad, ("prompt",))
+    only_weapons = _write(tmp_path / "r.jsonl", [REFUSALS[0]])
+    with pytest.raises(SafetyLayersError, match="no refusal fits category 'fraud'"):
+        al.build_data(_cfg({**files, "refusals": only_weapons}, tmp_path), tiny_model())
+
+
+# --------------------------------------------------------------------------- masks
+
+def test_encode_example_puts_loss_on_the_response_only():
+    tok = byte_tokenizer()
+    ex = al.Example("Hi there?", "Hello!", "benign")
+    enc = al.encode_example(tok, ex, "chat", 200)
+    n_ctx = enc.labels.count(-100)
+    prompt_text = tok.decode(enc.input_ids[:n_ctx])
+    assert prompt_text.endswith("<|im_start|>assistant\n") and "Hi there?" in prompt_text
+    assert all(lab == -100 for lab in enc.labels[:n_ctx])
+    assert enc.labels[n_ctx:] == enc.input_ids[n_ctx:]
+    assert tok.decode(enc.input_ids[n_ctx:]) == "Hello!</s>"
+
+    rec = al.encode_example(tok, al.Example("Hi there?", "I can't.", "recovery", prefix="Sure,"), "chat", 200)
+    n_ctx = rec.labels.count(-100)
+    assert tok.decode(rec.input_ids[:n_ctx]).endswith("assistant\nSure,")  # the opener carries no loss
+    assert tok.decode(rec.input_ids[n_ctx:]) == " I can't.</s>"
+
+    cut = al.encode_example(tok, al.Example("Hi?", "x" * 100, "benign"), "chat", 60)
+    assert len(cut.input_ids) == 60 and cut.input_ids[-1] != tok.eos_token_id  # cut replies teach no stop
+    unfinished = al.encode_example(tok, al.Example("Hi?", "abc", "benign", finished=False), "chat", 200)
+    assert unfinished.input_ids[-1] != tok.eos_token_id
+    assert al.encode_example(tok, al.Example("y" * 80, "abc", "benign"), "chat", 60) is None
+
+
+def test_plain_template_fallback_without_chat_template(files, tmp_path):
+    lm = tiny_model()
+    lm.tokenizer = byte_tokenizer(chat=False)
+    enc = al.encode_example(lm.tokenizer, al.Example("Hi?", "Yes.", "benign"), "chat", 100)
+    n_ctx = enc.labels.count(-100)
+    assert lm.tokenizer.decode(enc.input_ids[:n_ctx]).endswith("User: Hi?\nAssistant:")
+    assert lm.tokenizer.decode(enc.input_ids[n_ctx:]) == " Yes.</s>"
+    res = al.align(_cfg(files, tmp_path, evaluate=False, epochs=0.25), model=lm)
+    assert res.template == "plain" and "no chat template" in res.notes[0]
+
+
+# --------------------------------------------------------------------------- training
+
+def _examples(n=12):
+    return [al.Example(f"Question {i}?", "I can't help with that." if i % 2 else f"Answer {i} is fine.",
+                       "refusal" if i % 2 else "benign") for i in range(n)]
+
+
+@pytest.mark.parametrize("method,lr,drop", [("full", 3e-3, 0.3), ("lora", 3e-2, 0.1)])
+def test_training_changes_weights_and_lowers_loss(method, lr, drop):
+    lm = tiny_model()
+    ex = _examples()
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    loss0 = al.mean_loss(lm, ex)
+    stats = al.train_sft(lm, ex, al.SFTSettings(method=method, lr=lr, epochs=6, batch_size=4, warmup=0.0,
+                                                             lora_r=2),
+                         progress=False)
+    assert stats.steps == 18 and len(stats.epoch_losses) == 6
+    assert al.mean_loss(lm, ex) < loss0 - drop
+    changed = [k for k, v in lm.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("layers.0.self_attn.q_proj" in k for k in changed)
+    assert set(lm.model.state_dict()) == set(before)  # LoRA merged away: a plain model again
+    if method == "lora":
+        assert stats.trainable_parameters < stats.total_parameters / 5
+        assert not any("embed" in k for k in changed)
+
+
+def test_training_is_reproducible_with_the_seed():
+    def run(seed):
+        lm = tiny_model()
+        al.train_sft(lm, _examples(), al.SFTSettings(lr=1e-3, epochs=1.5, batch_size=4, seed=seed), progress=False)
+        return lm.model.state_dict()
+
+    a, b, c = run(0), run(0), run(1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- align and save
+
+def test_align_saves_a_folder_plain_transformers_loads(files, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    lm = tiny_model()
+    res = al.align(_cfg(files, tmp_path), model=lm)
+    out = Path(res.out)
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    manifest = al.read_manifest(out)
+    assert manifest["config"]["seed"] == 0 and manifest["counts"]["malicious_train"] == 11
+    assert manifest["refusal"]["heldout_malicious"]["n"] == 5 and manifest["refusal"]["heldout_benign"]["n"] == 4
+    assert manifest["fingerprint"] != manifest["base_fingerprint"]
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([[5, 60, 70, 80]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, lm.model(ids).logits, atol=1e-5)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+    with pytest.raises(SafetyLayersError, match="exists"):
+        al.align(_cfg(files, tmp_path), model=tiny_model())
+    again = al.align(_cfg(files, tmp_path, overwrite=True), model=tiny_model())
+    assert again.fingerprint == res.fingerprint  # same seed, same data: the same weights
+
+
+def test_interrupted_save_leaves_no_model_folder(files, tmp_path, monkeypatch):
+    import safety_layers.models as models
+
+    def crash(model, tok, out_dir, overwrite=False):
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "save_model", crash)
+    with pytest.raises(KeyboardInterrupt):
+        al.align(_cfg(files, tmp_path, evaluate=False, epochs=0.25), model=tiny_model())
+    assert not (tmp_path / "aligned").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# --------------------------------------------------------------------------- demo alias
+
+def test_demo_alias_builds_once_and_rebuilds_old_versions(tmp_path, monkeypatch):
+    from safety_layers import aliases
+
+    monkeypatch.setenv("SAFETY_LAYERS_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_align(cfg, manifest=None):
+        calls.append(cfg)
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text("{}")
+        (out / al.MANIFEST).write_text(json.dumps(manifest))
+        return al.AlignResult(str(out), cfg.model, "", "", "chat", {}, {}, {}, {}, {"total": 1.0})
+
+    monkeypatch.setattr(al, "align", fake_align)
+    folder = aliases.BUILDERS["demo"]()
+    assert folder == tmp_path / "models" / "demo" and len(calls) == 1
+    assert calls[0].model == "smollm2-135m-instruct" and calls[0].overwrite
+    assert aliases.BUILDERS["demo"]() == folder and len(calls) == 1  # cached
+    (folder / al.MANIFEST).write_text(json.dumps({"demo_version": al.DEMO_VERSION - 1}))
+    al.build_demo()
+    assert len(calls) == 2
