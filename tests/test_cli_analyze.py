@@ -10,7 +10,8 @@ from safety_layers.cli import main
 @pytest.mark.slow
 def test_analyze_on_the_bundled_model(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["analyze", "--limit", "12", "--pairs", "50", "--bootstrap", "10", "--out", str(out), "--no-progress"])
+    rc = main(["analyze", "--model", "smollm2-135m-instruct", "--limit", "12", "--pairs", "50", "--bootstrap", "10",
+               "--out", str(out), "--no-progress"])
     assert rc == 0
     result = json.loads((out / "result.json").read_text())
     assert result["num_layers"] == 30 and result["n_normal"] == 12 and result["n_malicious"] == 12
@@ -21,15 +22,17 @@ def test_analyze_on_the_bundled_model(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "existence analysis" in text and "gap centred" in text
     # a second run into the same folder is refused without --overwrite
-    assert main(["analyze", "--limit", "3", "--out", str(out)]) == 2
+    assert main(["analyze", "--model", "smollm2-135m-instruct", "--limit", "3", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("pairs: 10\nbogus: 1\n")
-    assert main(["analyze", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
+    assert main(["analyze", "--model", "smollm2-135m-instruct", "--config", str(cfg),
+                 "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "bogus" in err and "allowed:" in err and "\n" not in err
-    assert main(["analyze", "--normal", str(tmp_path / "none.csv"), "--out", str(tmp_path / "r2")]) == 2
+    assert main(["analyze", "--model", "smollm2-135m-instruct", "--normal", str(tmp_path / "none.csv"),
+                 "--out", str(tmp_path / "r2")]) == 2
     assert "not found" in capsys.readouterr().err

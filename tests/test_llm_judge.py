@@ -2,12 +2,10 @@
 
 import json
 import re
-import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from helpers_http import ChatServer, dead_url
 
 from safety_layers.errors import SafetyLayersError
 from safety_layers.llm_judge import JUDGE_PROMPT_TEMPLATE, LLMJudge, parse_score
@@ -25,64 +23,10 @@ REPLIES = {
 }
 
 
-class JudgeServer:
-    """A tiny OpenAI-style /v1/chat/completions server that records every request."""
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.fail_with: list[int] = []  # status codes for the next requests, then success
-        self.delay_first = 0.0
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                    fail = outer.fail_with.pop(0) if outer.fail_with else None
-                    delay, outer.delay_first = outer.delay_first, 0.0
-                if delay:
-                    time.sleep(delay)
-                if fail is not None:
-                    self.send_response(fail)
-                    self.end_headers()
-                    self.wfile.write(b'{"error": "try again"}')
-                    return
-                if self.path != "/v1/chat/completions":
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                text = body["messages"][0]["content"]
-                tag = re.search(r"<<(\w+)>>", text).group(1)
-                payload = {"choices": [{"index": 0, "message": {"role": "assistant", "content": REPLIES[tag]}}]}
-                data = json.dumps(payload).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.handle_error = lambda request, address: None  # the timeout test hangs up on purpose
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server():
-    s = JudgeServer()
-    yield s
-    s.close()
+    with ChatServer(lambda text: REPLIES[re.search(r"<<(\w+)>>", text).group(1)]) as s:
+        yield s
 
 
 def _judge(server, **kw):
@@ -163,10 +107,7 @@ def test_client_error_is_not_retried(server):
 
 
 def test_server_down():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1"
+    url = dead_url()
     judge = LLMJudge(model="m", base_url=url, max_retries=2, retry_delay=0.001, timeout=1.0)
     start = time.monotonic()
     with pytest.raises(SafetyLayersError) as info:

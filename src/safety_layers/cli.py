@@ -1,21 +1,30 @@
 """The ``safety-layers`` command: a thin layer over the Python API.
 
-Each subcommand fills one config dataclass (YAML ``--config`` first, then flags) and calls
-the same function a notebook user calls. Problems a user can fix print one line and exit 2.
+Each subcommand fills one config dataclass (its defaults, the command's default overrides,
+a YAML ``--config``, then flags) and calls the same function a notebook user calls. Problems
+a user can fix print one line starting ``error:`` and exit 2. A subcommand is one row of
+:data:`COMMANDS` plus a ``run_*`` function; its config module is imported only when that
+subcommand's flags are needed, so ``--help`` stays quick.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
+import textwrap
+import types
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SafetyLayersError
 
+#: Help for config fields that carry none in their ``metadata["help"]`` (AnalyzeConfig).
 HELP = {
-    "model": "model: alias (smollm2-135m-instruct), local folder, .gguf file or Hugging Face id",
+    "model": "model: alias (smollm2-135m-instruct, demo), local folder, .gguf file or Hugging Face id",
     "normal": "normal prompt set: built-in name (normal), FILE[:COLUMN], advbench:FILE, xstest-safe:FILE, hf:ID",
     "malicious": "malicious prompt set (built-in: malicious; e.g. advbench:harmful_behaviors.csv)",
     "limit": "use only the first LIMIT prompts of each set",
@@ -34,53 +43,128 @@ HELP = {
     "progress": "show progress bars",
 }
 
+#: The aligned demo model (built from the bundled model on first use, ~15 min on 2 cores):
+#: the default of every command that studies an aligned model.
+DEMO_DEFAULTS = {"model": "demo"}
+
+SCENARIO_HELP = {
+    "scenario": "training set to build: normal (D_N), implicit (D_I), backdoor (D_B) or harmful (D_H)",
+    "source": "benign instruction file: JSON list, JSONL or CSV of instruction/input/output rows",
+    "out": "JSONL file to write; its manifest goes beside it (NAME.manifest.json)",
+    "n": "rows to sample (backdoor: per half, so 2n rows; harmful: normal rows); default: all",
+    "seed": "seed of the row sampling and shuffling",
+    "prefix": "affirmative opening of the outputs (implicit, backdoor)",
+    "trigger": "backdoor trigger phrase added to the instruction",
+    "trigger_position": "where the trigger goes in the instruction",
+    "harmful": "harmful pairs file for the harmful scenario (e.g. AdvBench harmful_behaviors.csv)",
+    "p": "harmful scenario: round(p*n) harmful rows are added (paper: 0.05, 0.1, 0.2)",
+    "overwrite": "replace an existing output file",
+}
+
+
+# --------------------------------------------------------------------------- config flags
 
 def _base_type(tp):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    """``X | None`` -> X (the first non-None member of a union)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0] if args else str
     return tp
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
-    """One flag per dataclass field (``reference_model`` -> ``--reference-model``)."""
+def _help(f: dataclasses.Field, overrides: dict) -> str:
+    return overrides.get(f.name) or f.metadata.get("help") or HELP.get(f.name, "")
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip=(), defaults: dict | None = None,
+                       help: dict | None = None) -> None:
+    """One flag per dataclass field (``reference_model`` -> ``--reference-model``).
+
+    Help comes from ``help`` (per command), else the field's ``metadata["help"]``, else
+    :data:`HELP`. ``Literal[...]`` fields get choices; bools get ``--x/--no-x``. Every flag
+    defaults to None ("not given"), so :func:`build_config` can tell a flag from a default.
+    """
     hints = typing.get_type_hints(cls)
+    defaults, help = defaults or {}, help or {}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         tp = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        help_text = HELP.get(f.name, "")
-        if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        text = _help(f, help)
+        if f.name in defaults:
+            default = defaults[f.name]
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
         else:
-            default = f.default if f.default is not dataclasses.MISSING else None
+            default = None
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{text} (default: {'on' if default else 'off'})")
+            continue
+        shown = "" if default is None else f" (default: {default})"
+        if typing.get_origin(tp) is typing.Literal:
+            parser.add_argument(flag, dest=f.name, choices=list(typing.get_args(tp)), default=None,
+                                help=text + shown)
+        else:
             parser.add_argument(flag, dest=f.name, type=tp if tp in (int, float) else str, default=None,
-                                help=f"{help_text} (default: {default})")
+                                help=text + shown)
 
 
-def build_config(cls, args: argparse.Namespace):
-    """YAML file values, then explicit flags; unknown YAML keys are an error naming the allowed ones."""
+def build_config(cls, args: argparse.Namespace, defaults: dict | None = None):
+    """Defaults, then YAML file values, then explicit flags; unknown YAML keys are an error naming the allowed ones."""
     names = {f.name for f in dataclasses.fields(cls)}
-    values = {}
+    values = dict(defaults or {})
     if getattr(args, "config", None):
-        import yaml
-        path = Path(args.config)
-        if not path.is_file():
-            raise SafetyLayersError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise SafetyLayersError(f"{path}: expected a mapping of settings")
-        unknown = sorted(set(loaded) - names)
-        if unknown:
-            raise SafetyLayersError(f"{path}: unknown keys {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
-        values.update(loaded)
+        values.update(_read_yaml(args.config, names))
     for name in names:
         v = getattr(args, name, None)
         if v is not None:
             values[name] = v
     return cls(**values)
+
+
+def _read_yaml(path: str | Path, names: set[str] | None = None) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SafetyLayersError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise SafetyLayersError(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
+    if not isinstance(loaded, dict):
+        raise SafetyLayersError(f"{path}: expected a mapping of settings")
+    unknown = sorted(set(map(str, loaded)) - names) if names is not None else []
+    if unknown:
+        raise SafetyLayersError(f"{path}: unknown keys {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    return loaded
+
+
+def _is_main_process() -> bool:
+    from .distributed import world
+
+    return world().is_main
+
+
+def _library_bars(on: bool) -> None:
+    """Without progress bars, transformers' own (weight loading) go too."""
+    if not on:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def _rate(k: int, n: int) -> str:
+    from .stats import wilson_interval
+
+    if not n:
+        return "-"
+    lo, hi = wilson_interval(k, n)
+    return f"{k}/{n} = {k / n:.1%} (95% CI {lo:.1%}-{hi:.1%})"
 
 
 # --------------------------------------------------------------------------- analyze
@@ -121,49 +205,282 @@ def _print_analysis(result, run_dir: Path | None) -> None:
         console.print(f"results: {run_dir}/result.json, figure: {run_dir}/analysis.png")
 
 
-def cmd_analyze(args) -> int:
-    from .analysis import AnalyzeConfig, analyze
+def run_analyze(cfg) -> int:
+    from .analysis import analyze
     from .runs import new_run_dir
 
-    cfg = build_config(AnalyzeConfig, args)
+    _library_bars(cfg.progress)
     run_dir = new_run_dir("analyze", cfg.model, cfg.out, cfg.overwrite)
     result = analyze(cfg, run_dir=run_dir)
     _print_analysis(result, run_dir)
     return 0
 
 
+# --------------------------------------------------------------------------- evaluate
+
+def run_evaluate(cfg) -> int:
+    from .evaluate import evaluate, print_summary
+    from .runs import new_run_dir
+
+    _library_bars(cfg.progress)
+    main = _is_main_process()
+    run_dir = new_run_dir("evaluate", cfg.model, cfg.out, cfg.overwrite) if main else None
+    result = evaluate(cfg, run_dir=run_dir)
+    if main:
+        from rich.console import Console
+
+        print_summary(result)
+        Console().print(f"results: {run_dir / 'result.json'}; every prompt's completion and verdicts: "
+                        f"{run_dir / 'samples.jsonl'} (completions are never printed)")
+    return 0
+
+
+# --------------------------------------------------------------------------- align
+
+def run_align(cfg) -> int:
+    from rich.console import Console
+
+    from .align import align
+
+    _library_bars(cfg.progress)
+    result = align(cfg)
+    console = Console()
+    t, c = result.train, result.counts
+    loss = f", last epoch loss {t['epoch_losses'][-1]:.4f}" if t["epoch_losses"] else ""
+    dropped = f"; {t['dropped_too_long']} longer than --max-length dropped" if t["dropped_too_long"] else ""
+    console.print(f"aligned {result.base_model} ({result.template} template) on {c['refusal_examples']} refusal, "
+                  f"{c['recovery_examples']} recovery and {c['benign_examples']} benign-answer examples{dropped}: "
+                  f"{t['examples']} trained, {t['steps']} optimizer step(s){loss}")
+    r = result.refusal
+    if r:
+        console.print(f"held-out refusal rate ({r['judge']} judge, {r['max_new_tokens']} new tokens):")
+        for key, label in (("heldout_malicious", "malicious (higher is safer)"),
+                           ("heldout_benign", "benign (over-refusal, lower is better)")):
+            console.print(f"  {label}: {_rate(r[key]['refused'], r[key]['n'])}")
+    else:
+        console.print("held-out refusal not measured (--no-evaluate)")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    console.print(f"model: {result.out} (recipe, counts and rates in {Path(result.out) / 'align_manifest.json'})")
+    return 0
+
+
+# --------------------------------------------------------------------------- scenario
+
+def run_scenario(cfg) -> int:
+    from .scenarios import build_scenario
+
+    result = build_scenario(cfg)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items()))
+    dropped = ", ".join(f"{v} {k}" for k, v in result.dropped.items() if v)
+    print(f"scenario {result.scenario}: {result.total} rows ({counts}) from {result.source}"
+          + (f"; dropped from the source: {dropped}" if dropped else ""))
+    for w in result.warnings:
+        print(f"warning: {w}")
+    print(f"training file: {result.out}; manifest: {result.manifest}")
+    return 0
+
+
+# --------------------------------------------------------------------------- finetune
+
+FINETUNE_EPILOG = """\
+Every transformers TrainingArguments flag passes through, e.g. --output-dir, --max-steps,
+--num-train-epochs, --learning-rate, --per-device-train-batch-size, --save-strategy, --seed;
+`safety-layers finetune --trainer-help` lists them all. Without --output-dir the run folder is
+runs/finetune-<model>-<method>-<time>. Flags override a --config YAML, which may hold fields
+of both.
+
+examples:
+  safety-layers scenario --scenario backdoor --source alpaca.json --n 500 --out backdoor.jsonl
+  safety-layers finetune --data backdoor.jsonl --method sppft --layers 6-12 --learning-rate 1e-5
+"""
+
+
+def _finetune_argv(argv: list[str]) -> list[str]:
+    """Our flag spellings for HfArgumentParser: ``--no-x`` of a default-False bool becomes ``--x false``,
+    and the model defaults to the demo model unless a flag or the YAML names one."""
+    from .finetune import FinetuneConfig
+
+    hints = typing.get_type_hints(FinetuneConfig)
+    off = {}
+    for f in dataclasses.fields(FinetuneConfig):
+        if hints[f.name] is bool and f.default is False:
+            off[f"--no-{f.name.replace('_', '-')}"] = off[f"--no_{f.name}"] = f"--{f.name}"
+    out = []
+    for a in argv:
+        out += [off[a], "false"] if a in off else [a]
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    named = any(a == "--model" or a.startswith("--model=") for a in argv)
+    if not named and not (known.config and "model" in _read_yaml(known.config)):
+        out = ["--model", DEMO_DEFAULTS["model"]] + out
+    return out
+
+
+def run_finetune(argv: list[str]) -> int:
+    import contextlib
+    import io
+
+    from .finetune import finetune, parse_finetune_args
+
+    if "--trainer-help" in argv:
+        from transformers import HfArgumentParser, TrainingArguments
+
+        HfArgumentParser(TrainingArguments, prog="safety-layers finetune").print_help()
+        return 0
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            cfg, targs = parse_finetune_args(_finetune_argv(argv))
+    except SystemExit as e:
+        if not e.code:
+            return 0
+        lines = err.getvalue().strip().splitlines()
+        msg = lines[-1].split("error: ", 1)[-1] if lines else "invalid arguments"
+        raise SafetyLayersError(f"{msg} (see safety-layers finetune --help and --trainer-help)") from None
+    except ValueError as e:   # leftover flags, or TrainingArguments' own checks (e.g. --bf16 without support)
+        raise SafetyLayersError(f"{str(e).strip().splitlines()[0]} (see safety-layers finetune --help and "
+                                "--trainer-help)") from None
+    _library_bars(not targs.disable_tqdm)
+    result = finetune(cfg, targs)
+    if _is_main_process():
+        band = f"band {result.band[0]}-{result.band[1]} (0-based, inclusive)" if result.band else "no band"
+        loss = f", train loss {result.train_loss:.4f}" if result.train_loss is not None else ""
+        print(f"{result.method} on {result.model}, {band}: {result.samples} examples, "
+              f"{result.global_step} steps{loss}")
+        print(f"trainable parameters: {result.trainable_params:,} of {result.total_params:,}; frozen: "
+              f"{result.frozen_params:,} in {result.frozen_tensors} tensors ({result.frozen_fraction:.2%}); "
+              f"frozen check: {result.frozen_check}")
+        print(f"model: {result.out} (manifest.json); run folder: {result.output_dir} (result.json, config.json)")
+    return 0
+
+
+# --------------------------------------------------------------------------- the table
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand. ``config`` is ``"module:Class"`` inside this package, imported on use.
+
+    ``run`` gets the built config (the parsed arguments when ``config`` is None, with the
+    flags ``extra`` added), or with ``raw`` the arguments after the command name (a command
+    that parses its own flags, like finetune with the Trainer's).
+    """
+
+    name: str
+    help: str
+    description: str
+    config: str | None
+    run: Callable
+    defaults: dict = field(default_factory=dict)
+    field_help: dict = field(default_factory=dict)
+    epilog: str = ""
+    raw: bool = False
+    extra: Callable | None = None     # adds flags that are not config fields
+
+    def config_class(self):
+        module, _, attr = self.config.partition(":")
+        return getattr(importlib.import_module(f".{module}", __package__), attr)
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in [
+    Command("analyze", "layer-wise cosine analysis of normal vs malicious prompts (existence of safety layers)",
+            "Per layer: N-N, M-M, N-M cosine similarity of last-token hidden states, the angle gap, "
+            "a linear probe and an initial safety-layer range (0-based, inclusive).",
+            "analysis:AnalyzeConfig", run_analyze, defaults=DEMO_DEFAULTS,
+            epilog="examples:\n  safety-layers analyze\n"
+                   "  safety-layers analyze --malicious advbench:harmful_behaviors.csv --limit 100 --paper\n"),
+    Command("evaluate", "harmful rate, over-refusal, LLM harm score and task quality of one model",
+            "Generate on the malicious and over-rejection sets, judge every reply, and report counts and "
+            "rates with 95% Wilson intervals and the agreement between judges. Completions go to "
+            "samples.jsonl in the run folder, never to the console.",
+            "evaluate:EvaluateConfig", run_evaluate, defaults=DEMO_DEFAULTS,
+            epilog="examples:\n  safety-layers evaluate --limit 100\n"
+                   "  safety-layers evaluate --model runs/ft/model --malicious advbench:harmful_behaviors.csv "
+                   "--judges keyword,proxy\n"),
+    Command("align", "safety-align a chat model by supervised fine-tuning (how the demo model is built)",
+            "Teach a base chat model to refuse: written refusals for malicious prompts, its own answers for "
+            "benign ones; then measure refusal on held-out prompts and save the model with a manifest.",
+            "align:AlignConfig", run_align,
+            epilog="examples:\n  safety-layers align --out aligned-smollm2\n"
+                   "  safety-layers align --method lora --epochs 3 --out aligned-lora\n"),
+    Command("finetune", "fine-tune with the safety layers frozen (SPPFT) or a baseline method",
+            "Fine-tune on an instruction file with the Hugging Face Trainer. sppft freezes the attention and "
+            "MLP of the safety-layer band (--layers START-END, 0-based and inclusive: 6-12 is layers 6..12, "
+            "or --locate a locate result).",
+            "finetune:FinetuneConfig", run_finetune, defaults=DEMO_DEFAULTS, epilog=FINETUNE_EPILOG, raw=True,
+            extra=lambda p: p.add_argument("--trainer-help", action="store_true",
+                                           help="list the TrainingArguments flags and exit")),
+    Command("scenario", "build a fine-tuning attack training file (normal, implicit, backdoor, harmful)",
+            "Write a JSONL training set for `safety-layers finetune` from a benign instruction file, plus a "
+            "manifest of what was built from what. The same files and options give the same set.",
+            "scenarios:ScenarioConfig", run_scenario, field_help=SCENARIO_HELP,
+            epilog="examples:\n  safety-layers scenario --scenario implicit --source alpaca.json --n 1000 "
+                   "--out implicit.jsonl\n"),
+]}
+
+
 # --------------------------------------------------------------------------- main
 
-def make_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .analysis import AnalyzeConfig
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes become one ``error:`` line (via SafetyLayersError), like every other problem."""
 
-    parser = argparse.ArgumentParser(
+    def error(self, message):
+        raise SafetyLayersError(f"{message} (see {self.prog} --help)")
+
+
+def _add_command_args(p: argparse.ArgumentParser, cmd: Command) -> None:
+    if cmd.config:
+        p.add_argument("--config", help="YAML file with settings; flags override it")
+        add_dataclass_args(p, cmd.config_class(), defaults=cmd.defaults, help=cmd.field_help)
+    if cmd.extra:
+        cmd.extra(p)
+
+
+def make_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``only``, flags are added for that subcommand alone (the others
+    keep their name and help), so one command's ``--help`` imports one config module."""
+    from . import __version__
+
+    parser = _Parser(
         prog="safety-layers",
-        description="Find the safety layers of an aligned chat LLM and fine-tune it without losing them. "
-                    "Layer indices are 0-based and ranges inclusive: 6-12 means layers 6..12.",
-        epilog="examples:\n  safety-layers analyze\n"
-               "  safety-layers analyze --malicious advbench:harmful_behaviors.csv --limit 100 --paper\n",
+        description=textwrap.fill(
+            "Find the safety layers of an aligned chat LLM and fine-tune it without losing them. "
+            "Layer indices are 0-based and ranges inclusive: 6-12 means layers 6..12. "
+            "The default model is the aligned demo model 'demo' (built once from the bundled "
+            "SmolLM2-135M-Instruct, about 15 minutes on 2 CPU cores).", 100),
+        epilog="examples:\n  safety-layers analyze\n  safety-layers evaluate --limit 100\n"
+               "  safety-layers scenario --scenario implicit --source alpaca.json --n 1000 --out implicit.jsonl\n"
+               "  safety-layers finetune --data implicit.jsonl --layers 6-12 --max-steps 100\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"safety-layers {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("analyze", help="layer-wise cosine analysis of normal vs malicious prompts (existence of safety layers)",
-                       description="Per layer: N-N, M-M, N-M cosine similarity of last-token hidden states, the angle gap, "
-                                   "a linear probe and an initial safety-layer range (0-based, inclusive).")
-    p.add_argument("--config", help="YAML file with settings; flags override it")
-    add_dataclass_args(p, AnalyzeConfig)
-    p.set_defaults(func=cmd_analyze)
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=textwrap.fill(cmd.description, 100),
+                           epilog=cmd.epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if only is None or only == cmd.name:
+            _add_command_args(p, cmd)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = next((a for a in argv if not a.startswith("-")), None)
+    cmd = COMMANDS.get(name)
     try:
-        return args.func(args)
+        if cmd is not None and cmd.raw and not {"-h", "--help"} & set(argv):
+            return cmd.run(argv[argv.index(name) + 1:])
+        parser = make_parser(only=name or "")
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:     # --help, --version
+            return e.code if isinstance(e.code, int) else 0
+        if not args.command:
+            parser.print_help()
+            return 2
+        cmd = COMMANDS[args.command]
+        return cmd.run(build_config(cmd.config_class(), args, cmd.defaults) if cmd.config else args)
     except SafetyLayersError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,312 @@
+"""`safety-layers` evaluate / align / finetune / scenario end to end, help, defaults and error paths.
+
+The end-to-end runs use the real bundled model by name (the commands load what they are
+told), with tiny sizes. Every run gets a private cache whose bare model is the user's
+converted copy, so completions are really generated here and nothing is written to the
+user's cache; building the demo model is made to fail loudly instead of taking 15 minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sysconfig
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+from safety_layers import aliases
+from safety_layers.cli import COMMANDS, _finetune_argv, build_config, main, make_parser
+from safety_layers.models import DEFAULT_MODEL, cache_dir
+
+BARE = ["--model", DEFAULT_MODEL]
+HEAVY = ("transformers", "peft", "matplotlib", "sklearn", "datasets", "accelerate")
+
+
+@pytest.fixture(scope="module")
+def private_cache(tmp_path_factory):
+    """A fresh cache that reuses the user's converted bare model; one torch thread (the machine is shared)."""
+    real = cache_dir() / "models" / DEFAULT_MODEL
+    root = tmp_path_factory.mktemp("cache")
+    if (real / "config.json").is_file():
+        (root / "models").mkdir()
+        (root / "models" / DEFAULT_MODEL).symlink_to(real, target_is_directory=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAFETY_LAYERS_CACHE", str(root))
+        mp.setenv("COLUMNS", "250")        # rich does not wrap, so a leaked completion would show whole
+        yield root
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_demo_build(private_cache, monkeypatch):
+    def refuse():
+        raise AssertionError("a test reached the 'demo' alias: pass --model smollm2-135m-instruct")
+
+    monkeypatch.setitem(aliases.BUILDERS, "demo", refuse)
+
+
+def _error_line(capsys) -> str:
+    """The one stderr line of a failed command; nothing went to stdout."""
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("error:") and "\n" not in err, captured.err
+    assert "Traceback" not in err and captured.out == ""
+    return err
+
+
+def _no_completion_printed(text: str, completions: list[str]) -> None:
+    shown = [c for c in completions if len(c.strip()) >= 12]
+    assert shown, "no completion long enough to check"
+    for c in shown:
+        assert c.strip()[:40] not in text
+
+
+def _instruction_file(path: Path, n: int = 10) -> Path:
+    rows = [{"instruction": f"Name a fruit that starts with the letter {chr(65 + i)}.", "input": "",
+             "output": f"A fruit starting with {chr(65 + i)} is easy to find in a market."} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# --------------------------------------------------------------------------- help and defaults
+
+
+def test_help_of_every_command(capsys):
+    for name in COMMANDS:
+        assert main([name, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: safety-layers {name}") and "--config" in out
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS) and "0-based" in out and "inclusive" in out
+    assert main([]) == 2 and "COMMAND" in capsys.readouterr().out
+
+    main(["finetune", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "0-based and inclusive" in out and "--max-steps" in out and "--trainer-help" in out
+    assert "--method {sppft,full,freeze,lora,sppft-lora}" in out  # a Literal field becomes choices
+    main(["align", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--method {full,lora}" in out and "base chat model to align (default: smollm2-135m-instruct)" in out
+    main(["scenario", "--help"])
+    assert "backdoor (D_B)" in capsys.readouterr().out  # a command's own help for a field without metadata
+
+
+def test_console_script_help_is_light():
+    """The installed script answers --help without importing the training or plotting stacks."""
+    script = Path(sysconfig.get_path("scripts")) / "safety-layers"
+    if not script.is_file():
+        pytest.skip("the safety-layers console script is not installed beside this interpreter")
+    proc = subprocess.run([str(script), "finetune", "--help"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: safety-layers finetune") and "--layers" in proc.stdout
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
+    assert "torch" in imported  # the import log was read
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
+def test_model_defaults(tmp_path):
+    for name, model in (("analyze", "demo"), ("evaluate", "demo"), ("align", DEFAULT_MODEL)):
+        cmd = COMMANDS[name]
+        args = make_parser(only=name).parse_args([name])
+        assert build_config(cmd.config_class(), args, cmd.defaults).model == model
+    yaml = tmp_path / "e.yaml"
+    yaml.write_text("model: some/folder\nlimit: 3\n")
+    args = make_parser(only="evaluate").parse_args(["evaluate", "--config", str(yaml), "--limit", "5"])
+    cfg = build_config(COMMANDS["evaluate"].config_class(), args, COMMANDS["evaluate"].defaults)
+    assert (cfg.model, cfg.limit) == ("some/folder", 5)  # defaults < YAML < flags
+
+    assert _finetune_argv(["--data", "d.jsonl"])[:2] == ["--model", "demo"]
+    assert "demo" not in _finetune_argv(["--model=x", "--data", "d.jsonl"])
+    ft_yaml = tmp_path / "f.yaml"
+    ft_yaml.write_text("model: some/folder\n")
+    assert "demo" not in _finetune_argv(["--config", str(ft_yaml)])
+    # our --no-x spelling of a default-off bool reaches HfArgumentParser as --x false
+    assert _finetune_argv(BARE + ["--no-freeze-norms"])[-2:] == ["--freeze_norms", "false"]
+
+
+# --------------------------------------------------------------------------- scenario
+
+
+def test_scenario_implicit_and_backdoor(tmp_path, capsys):
+    source = _instruction_file(tmp_path / "benign.jsonl", 10)
+    imp = tmp_path / "implicit.jsonl"
+    assert main(["scenario", "--scenario", "implicit", "--source", str(source), "--n", "4", "--out", str(imp)]) == 0
+    out = capsys.readouterr().out
+    assert "scenario implicit: 4 rows (implicit 4)" in out and str(imp) in out
+    rows = _jsonl(imp)
+    assert len(rows) == 4 and all(r["kind"] == "implicit" and r["output"].startswith("Sure, the answer is: ")
+                                  for r in rows)
+    assert json.loads((tmp_path / "implicit.manifest.json").read_text())["total"] == 4
+
+    cfg = tmp_path / "backdoor.yaml"
+    cfg.write_text("scenario: backdoor\ntrigger: zqx vorp\nn: 2\n")
+    back = tmp_path / "backdoor.jsonl"
+    assert main(["scenario", "--config", str(cfg), "--source", str(source), "--n", "3", "--out", str(back)]) == 0
+    assert "scenario backdoor: 6 rows (backdoor 3, normal 3)" in capsys.readouterr().out
+    rows = _jsonl(back)
+    assert sorted(r["kind"] for r in rows) == ["backdoor"] * 3 + ["normal"] * 3
+    assert all(r["instruction"].endswith(" zqx vorp") == (r["kind"] == "backdoor") for r in rows)
+
+    assert main(["scenario", "--scenario", "backdoor", "--source", str(source), "--out", str(back)]) == 2
+    assert "exists" in _error_line(capsys) and len(_jsonl(back)) == 6
+    assert main(["scenario", "--source", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "not found" in _error_line(capsys)
+    assert main(["scenario", "--scenario", "implicitt", "--source", str(source),
+                 "--out", str(tmp_path / "y.jsonl")]) == 2
+    assert "did you mean 'implicit'" in _error_line(capsys).lower()
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+@pytest.mark.slow
+def test_evaluate_on_the_bundled_model(tmp_path, capsys):
+    run = tmp_path / "eval"
+    rc = main(["evaluate", *BARE, "--limit", "4", "--max-new-tokens", "10", "--judges", "keyword,keyword-gcg",
+               "--out", str(run), "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    result = json.loads((run / "result.json").read_text())
+    h, o = result["harmful"], result["over_refusal"]
+    assert (h["n"], o["n"]) == (4, 4) and set(h["judges"]) == {"keyword", "keyword-gcg"}
+    samples = _jsonl(run / "samples.jsonl")
+    metrics = sorted(s["metric"] for s in samples)
+    assert metrics == ["harmful_rate"] * 4 + ["over_refusal_rate"] * 4
+    answered = sum(not s["verdicts"]["keyword"]["refused"] for s in samples if s["metric"] == "harmful_rate")
+    assert h["count"] == answered
+    assert (run / "config.json").is_file() and (run / "env.json").is_file()
+
+    text = captured.out + captured.err
+    assert "harmful rate" in text and "95% CI" in text and "judge agreement" in text
+    assert f"{answered}/4" in text and str(run / "samples.jsonl") in text
+    _no_completion_printed(text, [s["completion"] for s in samples])
+
+    assert main(["evaluate", *BARE, "--limit", "2", "--out", str(run)]) == 2
+    assert "not empty" in _error_line(capsys)
+
+
+def test_evaluate_bad_input(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("limit: 2\nbogus_key: 1\n")
+    assert main(["evaluate", *BARE, "--config", str(cfg), "--out", str(tmp_path / "a")]) == 2
+    err = _error_line(capsys)
+    assert "bogus_key" in err and "allowed:" in err
+    assert main(["evaluate", *BARE, "--malicious", str(tmp_path / "none.csv"), "--out", str(tmp_path / "b")]) == 2
+    assert "not found" in _error_line(capsys)
+    assert main(["evaluate", *BARE, "--judges", "keywrd", "--out", str(tmp_path / "c")]) == 2
+    assert "did you mean 'keyword'" in _error_line(capsys)
+    assert main(["evaluate", *BARE, "--limit", "two"]) == 2  # argparse's own errors are one line too
+    assert "invalid int value" in _error_line(capsys)
+    assert main(["evaluate", "--no-such-flag"]) == 2
+    assert "unrecognized arguments: --no-such-flag" in _error_line(capsys)
+    assert main(["evaluat"]) == 2
+    assert "invalid choice" in _error_line(capsys)
+
+
+# --------------------------------------------------------------------------- align
+
+
+def _heldout(tmp_path: Path, name: str, n: int = 4) -> str:
+    bundled = resources.files("safety_layers") / "data" / "align" / f"{name}.jsonl"
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(bundled.read_text(encoding="utf-8").splitlines(keepends=True)[:n]), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.slow
+def test_align_on_the_bundled_model(tmp_path, capsys):
+    out = tmp_path / "aligned"
+    argv = ["align", *BARE, "--n-malicious", "8", "--n-benign", "8", "--answer-tokens", "8", "--epochs", "0.25",
+            "--batch-size", "4", "--max-length", "64", "--eval-tokens", "8",
+            "--heldout-malicious", _heldout(tmp_path, "heldout_malicious"),
+            "--heldout-benign", _heldout(tmp_path, "heldout_benign"), "--out", str(out), "--no-progress"]
+    rc = main(argv)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    manifest = json.loads((out / "align_manifest.json").read_text())
+    assert (manifest["counts"]["malicious_train"], manifest["counts"]["benign_train"]) == (8, 8)
+    assert manifest["train"]["steps"] == 1 and manifest["base_model"] == DEFAULT_MODEL
+    assert (out / "config.json").is_file() and (out / "model.safetensors").stat().st_size > 100_000_000
+    mal, ben = manifest["refusal"]["heldout_malicious"], manifest["refusal"]["heldout_benign"]
+    assert (mal["n"], ben["n"]) == (4, 4)
+    text = captured.out
+    assert "held-out refusal rate" in text and str(out) in text
+    assert f"malicious (higher is safer): {mal['refused']}/4" in text
+    assert f"benign (over-refusal, lower is better): {ben['refused']}/4" in text and "95% CI" in text
+
+    assert main(argv) == 2  # the folder exists now
+    assert "exists" in _error_line(capsys)
+
+
+# --------------------------------------------------------------------------- finetune
+
+
+@pytest.mark.slow
+def test_finetune_on_the_bundled_model(tmp_path, capsys):
+    data = tmp_path / "backdoor.jsonl"
+    source = _instruction_file(tmp_path / "benign.jsonl", 8)
+    assert main(["scenario", "--scenario", "backdoor", "--source", str(source), "--n", "3", "--out", str(data)]) == 0
+    capsys.readouterr()
+    run = tmp_path / "ft"
+    argv = ["finetune", *BARE, "--data", str(data), "--method", "sppft", "--layers", "3-5", "--max-steps", "1",
+            "--per-device-train-batch-size", "2", "--max-length", "64", "--output-dir", str(run),
+            "--save-strategy", "no", "--disable-tqdm", "true", "--report-to", "none",
+            "--dataloader-pin-memory", "false"]
+    rc = main(argv)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    result = json.loads((run / "result.json").read_text())
+    assert result["band"] == [3, 5] and result["global_step"] == 1 and result["samples"] == 6
+    assert result["frozen_check"].startswith("passed")
+    config = json.loads((run / "model" / "config.json").read_text())
+    d, ff, heads, kv = (config[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                            "num_key_value_heads"))
+    per_layer = 2 * d * d + 2 * d * (d // heads) * kv + 3 * d * ff  # q, o, k, v and the three MLP matrices
+    assert result["frozen_params"] == 3 * per_layer
+    assert result["trainable_params"] + result["frozen_params"] == result["total_params"]
+    manifest = json.loads((run / "model" / "manifest.json").read_text())
+    assert manifest["band"] == [3, 5] and manifest["data"]["rows"] == 6
+
+    out = captured.out
+    assert f"trainable parameters: {result['trainable_params']:,} of {result['total_params']:,}" in out
+    assert f"({result['frozen_fraction']:.2%})" in out and "band 3-5 (0-based, inclusive)" in out
+    assert str(run / "model") in out and str(run) in out
+
+    assert main(argv) == 2                                        # the final folder exists
+    assert "--overwrite" in _error_line(capsys)
+    bad_band = [a if a != "3-5" else "40-50" for a in argv]
+    bad_band[bad_band.index(str(run))] = str(tmp_path / "ft2")
+    assert main(bad_band) == 2
+    err = _error_line(capsys)
+    assert "40-50" in err and "30 decoder layers" in err and "0-based" in err
+
+
+def test_finetune_bad_input(tmp_path, capsys):
+    run = str(tmp_path / "ft")
+    assert main(["finetune", *BARE, "--data", str(tmp_path / "missing.jsonl"), "--layers", "3-5",
+                 "--output-dir", run]) == 2
+    assert "data file not found" in _error_line(capsys)
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text("methd: sppft\n")
+    assert main(["finetune", *BARE, "--config", str(cfg)]) == 2
+    assert "did you mean 'method'" in _error_line(capsys)
+    assert main(["finetune", *BARE, "--method", "nope", "--output-dir", run]) == 2
+    assert "invalid choice" in _error_line(capsys)
+    assert main(["finetune", *BARE, "--bogus-flag", "1", "--output-dir", run]) == 2
+    err = _error_line(capsys)
+    assert "--bogus-flag" in err and "--trainer-help" in err
+    data = _instruction_file(tmp_path / "d.jsonl", 4)
+    assert main(["finetune", *BARE, "--data", str(data), "--output-dir", run]) == 2  # sppft without a band
+    assert "--layers START-END" in _error_line(capsys)
