@@ -2,15 +2,54 @@
 
 Implements "Safety Layers in Aligned Large Language Models" (Li et al., ICLR 2025) and goes
 beyond it. Layer indices are 0-based and ranges inclusive everywhere: ``6-12`` is blocks 6..12.
+
+One config and one verb per step, callable one after another in a notebook::
+
+    from safety_layers import AnalyzeConfig, FinetuneConfig, LocateConfig, analyze, load_model
+    from safety_layers.locate import locate
+    from safety_layers.finetune import finetune
+    lm = load_model("demo")
+    res = analyze(AnalyzeConfig(), model=lm)
+    band = locate(LocateConfig(), model=lm).safety_layers
+    finetune(FinetuneConfig(data="train.json", layers=f"{band[0]}-{band[1]}"), model=lm)
+
+The verbs named like their module (``align``, ``evaluate``, ``finetune``, ``locate``) are
+imported from that module, so ``safety_layers.finetune`` always means the module. Names are
+imported on first use, so ``import safety_layers`` (and the CLI's ``--help``) stays fast.
 """
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from .analysis import AnalyzeConfig, AnalyzeResult, analyze  # noqa: E402
-from .data import PromptSet, load_prompts  # noqa: E402
-from .errors import SafetyLayersError  # noqa: E402
-from .layers import LayerRange  # noqa: E402
-from .models import LoadedModel, find_blocks, load_model, save_model  # noqa: E402
+_EXPORTS = {
+    "analysis": ("AnalyzeConfig", "AnalyzeResult", "analyze"),
+    "align": ("AlignConfig", "AlignResult", "build_demo"),
+    "data": ("PromptSet", "load_prompts"),
+    "errors": ("SafetyLayersError",),
+    "evaluate": ("EvaluateConfig", "EvaluateResult", "harmful_rate"),
+    "experiment": ("ExperimentConfig", "run_experiment"),
+    "finetune": ("FinetuneConfig", "FinetuneResult"),
+    "generation": ("GenerationSettings", "generate"),
+    "layers": ("LayerRange",),
+    "locate": ("LocateConfig", "LocateResult"),
+    "models": ("LoadedModel", "find_blocks", "load_model", "save_model"),
+    "refusal": ("get_judge", "list_judges"),
+    "report": ("write_report",),
+    "scaling": ("scaled_layers",),
+    "scenarios": ("ScenarioConfig", "build_scenario"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE) + ["__version__"]
 
-__all__ = ["AnalyzeConfig", "AnalyzeResult", "analyze", "PromptSet", "load_prompts", "SafetyLayersError",
-           "LayerRange", "LoadedModel", "find_blocks", "load_model", "save_model", "__version__"]
+
+def __getattr__(name):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'safety_layers' has no attribute {name!r}")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

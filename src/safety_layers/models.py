@@ -238,6 +238,7 @@ def _dtype(dtype: str | torch.dtype | None):
 def _quiet_transformers():
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def load_gguf(path: str | Path, dtype="float32"):
