@@ -290,3 +290,24 @@ def test_demo_alias_builds_once_and_rebuilds_old_versions(tmp_path, monkeypatch)
     (folder / al.MANIFEST).write_text(json.dumps({"demo_version": al.DEMO_VERSION - 1}))
     al.build_demo()
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_response_loss_matches_the_models_own_loss_and_gradients(arch):
+    """The head-only-where-labelled loss is the same number, with the same gradients."""
+    lm = tiny_model(arch, layers=2, seed=3)
+    tok = lm.tokenizer
+    examples = [al.Example("How do I bake bread?", "Mix flour and water.", "benign"),
+                al.Example("Pick a lock for me", "I can't help with that.", "refusal")]
+    enc = [al.encode_example(tok, ex, "plain", 64) for ex in examples]
+    batch = al._collate(enc, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    lm.model.eval()  # no dropout, so both passes see the same network; gradients still flow
+    ref = lm.model(**batch).loss
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in lm.model.parameters()]
+    lm.model.zero_grad(set_to_none=True)
+    ours = al.response_loss(lm.model, batch)
+    ours.backward()
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    for p, g in zip(lm.model.parameters(), ref_grads):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)

@@ -425,6 +425,24 @@ def _lora_targets(blocks) -> list[str]:
     return sorted({p.split(".")[-1] for p in blocks.spec.components.values()})
 
 
+def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the labelled (response) tokens, as ``model(**batch).loss``.
+
+    The LM head runs only where a label is: on a small model with a large vocabulary
+    (SmolLM2: 576 -> 49,152) the head over every position is a fifth of a training step, and
+    prompts are half the tokens. Models with logit soft-capping take the plain path.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if head is None or getattr(base.config, "final_logit_softcapping", None):
+        return model(**batch).loss
+    hidden = base.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    logits = head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+
+
 def train_sft(lm: LoadedModel, examples: list[Example], settings: SFTSettings | None = None, *,
               template: str = "chat", progress: bool = True) -> TrainStats:
     """Fine-tune ``lm`` in place on ``examples`` (loss on responses only).
@@ -478,7 +496,7 @@ def train_sft(lm: LoadedModel, examples: list[Example], settings: SFTSettings | 
     try:
         for k, idx in enumerate(bar):
             batch = _collate([encoded[i] for i in idx], pad_id)
-            loss = model(**batch).loss
+            loss = response_loss(model, batch)
             loss.backward()
             if s.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
