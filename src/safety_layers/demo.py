@@ -1,0 +1,212 @@
+"""The whole pipeline on the bundled model, with nothing but this package: ``safety-layers demo``.
+
+1. benign fine-tuning data: the package's own ``normal`` prompts answered by the bare
+   SmolLM2-135M-Instruct (self-distillation; the generation cache keeps the answers), or the
+   user's instruction file. A few rows are held out as Rouge-L references, so task quality
+   is measured too;
+2. the aligned demo model (``load_model("demo")``: built once, about 15 minutes on two CPU
+   cores, then cached);
+3. the existence analysis of the demo model, with the bare model as reference;
+4. locating its safety band (:mod:`safety_layers.locate`);
+5. full fine-tuning and SPPFT under the implicit attack (every answer opens with
+   "Sure, the answer is:"), each evaluated (harmful rate, over-refusal, Rouge-L) with drift
+   diagnostics;
+6. the report (:mod:`safety_layers.report`, when installed).
+
+Everything is an :mod:`safety_layers.experiment` run in ``out`` (default ``runs/demo``), so a
+rerun reuses every finished stage and takes a few minutes at most. The data files live in
+``out/inputs``. Without ``data``, the analysis' normal prompts are the very prompts the benign
+answers were written for, so the drift gap curve shows the tuned model on its training prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SafetyLayersError
+
+
+@dataclass
+class DemoConfig:
+    """Settings of ``safety-layers demo``; the defaults fit two CPU cores."""
+
+    out: str = field(default="runs/demo", metadata={"help": "run folder (a rerun reuses what it holds)"})
+    model: str = field(default="demo", metadata={"help": "aligned model to study (demo: built on first use)"})
+    reference: str = field(default="smollm2-135m-instruct", metadata={
+        "help": "the bare model: reference of the analysis and author of the self-distilled answers"})
+    data: str | None = field(default=None, metadata={
+        "help": "benign instruction file (e.g. alpaca_data_1k.json); None: built-in prompts, self-distilled answers"})
+    n: int | None = field(default=128, metadata={
+        "help": "training rows, at most (None: every row that is not held out)"})
+    holdout: int = field(default=16, metadata={"help": "benign rows held out as Rouge-L references"})
+    answer_tokens: int = field(default=48, metadata={"help": "length of the self-distilled answers"})
+    scenario: str = field(default="implicit", metadata={"help": "attack scenario: normal, implicit, backdoor"})
+    methods: list = field(default_factory=lambda: ["full", "sppft"], metadata={"help": "fine-tuning methods"})
+    band: str | None = field(default=None, metadata={"help": "skip locate and use this band (e.g. 6-9)"})
+    locate: dict = field(default_factory=dict, metadata={"help": "LocateConfig settings for the band search"})
+    analysis: dict = field(default_factory=dict, metadata={
+        "help": "AnalyzeConfig settings of the existence analysis (its reference is `reference`)"})
+    epochs: float = field(default=2.0, metadata={"help": "training epochs"})
+    lr: float = field(default=1e-4, metadata={"help": "learning rate"})
+    batch_size: int = field(default=4, metadata={"help": "batch size"})
+    seed: int = field(default=0, metadata={"help": "training seed"})
+    eval_limit: int | None = field(default=100, metadata={"help": "prompts per evaluation set"})
+    drift_limit: int | None = field(default=50, metadata={
+        "help": "over-rejection prompts for 'does the band still hold' (4 generation passes each)"})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per evaluation prompt"})
+    keep_models: bool = field(default=False, metadata={"help": "keep the tuned models"})
+    report: bool = field(default=True, metadata={"help": "write the report at the end"})
+    progress: bool = field(default=True, metadata={"help": "progress bars and stage lines"})
+
+    def __post_init__(self):
+        if self.scenario not in ("normal", "implicit", "backdoor"):
+            raise SafetyLayersError(f"the demo runs normal, implicit or backdoor, got {self.scenario!r} "
+                                    "(the harmful scenario needs harmful data: use `safety-layers experiment`)")
+        if self.holdout < 0 or self.answer_tokens < 1:
+            raise SafetyLayersError("holdout must be >= 0 and answer_tokens >= 1")
+
+
+def _split(rows: list[dict], holdout: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    if holdout and len(rows) < holdout + 8:
+        raise SafetyLayersError(f"{len(rows)} benign rows are too few to hold out {holdout}: "
+                                "lower holdout or give more data")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:holdout])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def self_distilled_rows(reference: str, tokens: int, progress: bool = True, log=print) -> list[dict]:
+    """The built-in ``normal`` prompts answered greedily by ``reference``; its refusals are dropped."""
+    from .data import load_prompts
+    from .generation import GenerationSettings, generate
+    from .models import load_model
+    from .refusal import get_judge
+
+    prompts = load_prompts("normal").prompts
+    log(f"[bold]data[/bold] self-distilling answers to {len(prompts)} built-in prompts from {reference} "
+        "(cached after the first run)")
+    lm = load_model(reference)
+    comps = generate(lm, prompts, GenerationSettings(max_new_tokens=tokens), template="chat", progress=progress)
+    verdicts = get_judge("keyword").judge(prompts, [c.text for c in comps])
+    rows = [{"instruction": p, "input": "", "output": c.text.strip()}
+            for p, c, v in zip(prompts, comps, verdicts) if not v.refused and c.text.strip()]
+    log(f"  {len(rows)} answers kept ({len(prompts) - len(rows)} refused or empty)")
+    return rows
+
+
+def benign_files(cfg: DemoConfig, run: Path, log=print) -> tuple[Path, Path | None]:
+    """(training file, Rouge-L reference file or None) in ``run/inputs``, built once."""
+    from .runs import atomic_write, write_json
+
+    folder = run / "inputs"
+    train, quality, source = folder / "benign.jsonl", folder / "quality.jsonl", folder / "source.json"
+    made_from = {"data": cfg.data, "reference": None if cfg.data else cfg.reference,
+                 "answer_tokens": None if cfg.data else cfg.answer_tokens, "holdout": cfg.holdout}
+    if source.is_file():
+        if json.loads(source.read_text(encoding="utf-8")) != made_from:
+            raise SafetyLayersError(f"{folder} was built from other data settings (data, reference, answer_tokens "
+                                    "or holdout differ): use a new --out folder")
+        if train.is_file() and (quality.is_file() or not cfg.holdout):
+            return train, quality if cfg.holdout else None
+    if cfg.data:
+        from .scenarios import read_records
+
+        rows = read_records(cfg.data, dedupe=True).rows
+        log(f"[bold]data[/bold] {len(rows)} benign rows from {cfg.data}")
+    else:
+        rows = self_distilled_rows(cfg.reference, cfg.answer_tokens, cfg.progress, log)
+    fit, held = _split(rows, cfg.holdout)
+
+    def body(rs):
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rs)
+
+    if held:
+        atomic_write(quality, body(held))
+    atomic_write(train, body(fit))
+    write_json(source, made_from)
+    return train, quality if held else None
+
+
+def experiment_config(cfg: DemoConfig, train: Path, quality: Path | None, locate_available: bool):
+    from .experiment import ExperimentConfig
+
+    rows = sum(1 for line in train.read_text(encoding="utf-8").splitlines() if line.strip())
+    n = None if cfg.n is None or cfg.n >= rows else cfg.n
+    locate = None
+    if cfg.band is None and locate_available:
+        locate = dict(cfg.locate)
+    evaluate = {"limit": cfg.eval_limit, "max_new_tokens": cfg.max_new_tokens}
+    if quality is not None:
+        evaluate.update(quality=str(quality), quality_tokens=cfg.answer_tokens)
+    return ExperimentConfig(
+        model=cfg.model, name="demo", band=cfg.band, locate=locate,
+        analysis={"reference_model": cfg.reference, **cfg.analysis},
+        data=str(train), n=n, scenarios=[cfg.scenario], methods=list(cfg.methods), lrs=[cfg.lr],
+        seeds=[cfg.seed], epochs=cfg.epochs, batch_size=cfg.batch_size, evaluate=evaluate,
+        drift={"limit": cfg.drift_limit}, keep_models=cfg.keep_models)
+
+
+def run_demo(cfg: DemoConfig | None = None) -> Path:
+    """Run the demo pipeline (see the module docstring); returns the run folder."""
+    import importlib.util
+    import time
+
+    from .experiment import _Log, run_experiment
+
+    cfg = cfg or DemoConfig()
+    t0 = time.perf_counter()
+    log = _Log(cfg.progress)
+    run = Path(cfg.out)
+    log(f"[bold]safety-layers demo[/bold] -> {run}")
+    if cfg.model == "demo":
+        from .align import DEMO_VERSION, demo_folder, read_manifest
+
+        folder = demo_folder()
+        man = read_manifest(folder) if (folder / "config.json").is_file() else None
+        if man is None or man.get("demo_version") != DEMO_VERSION:
+            log("[bold]model[/bold] the aligned demo model is built on this first run (about 15 minutes on "
+                "2 CPU cores), then cached")
+    train, quality = benign_files(cfg, run, log)
+    locate_available = importlib.util.find_spec("safety_layers.locate") is not None
+    if cfg.band is None and not locate_available:
+        log("[yellow]note:[/yellow] safety_layers.locate is not installed; the band is the analysis' initial range")
+    result = run_experiment(experiment_config(cfg, train, quality, locate_available), run, progress=cfg.progress)
+    _print_summary(result, log)
+    if cfg.report:
+        if importlib.util.find_spec("safety_layers.report") is None:
+            log("[yellow]note:[/yellow] safety_layers.report is not installed: no report written "
+                f"(results are in {run / 'results.md'})")
+        else:
+            from .report import write_report
+
+            report = write_report(run)
+            log(f"[bold]report[/bold] {getattr(report, 'html', report)}")
+    log(f"[bold]demo done[/bold] in {time.perf_counter() - t0:.0f} s: {run}")
+    return run
+
+
+def _print_summary(result, log) -> None:
+    from rich.table import Table
+
+    from .experiment import METRIC_LABELS, _fmt
+
+    res = result.results
+    if not res["rows"]:
+        return
+    t = Table(title=f"band {result.band[0]}-{result.band[1]} (from {result.band_source})")
+    t.add_column("metric")
+    t.add_column("before", justify="right")
+    for r in res["rows"]:
+        t.add_column(f"{r['scenario']} {r['method']}", justify="right")
+    for m in res["metrics"]:
+        before = res["rows"][0]["metrics"][m]["before"]
+        t.add_row(METRIC_LABELS.get(m, m), _fmt(m, before), *[_fmt(m, r["metrics"][m]["after_mean"]) for r in res["rows"]])
+    if log.enabled:
+        log.console.print(t)
+
+
+__all__ = ["DemoConfig", "benign_files", "experiment_config", "run_demo", "self_distilled_rows"]
