@@ -105,12 +105,21 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, skip=(), defaults: 
                                 help=f"{text} (default: {'on' if default else 'off'})")
             continue
         shown = "" if default is None else f" (default: {default})"
+        if tp is dict or typing.get_origin(tp) is dict:
+            continue  # nested settings: YAML (--config) only
+        if tp is list or typing.get_origin(tp) is list:
+            parser.add_argument(flag, dest=f.name, type=_csv, default=None, help=f"{text} (comma-separated){shown}")
+            continue
         if typing.get_origin(tp) is typing.Literal:
             parser.add_argument(flag, dest=f.name, choices=list(typing.get_args(tp)), default=None,
                                 help=text + shown)
         else:
             parser.add_argument(flag, dest=f.name, type=tp if tp in (int, float) else str, default=None,
                                 help=text + shown)
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def build_config(cls, args: argparse.Namespace, defaults: dict | None = None):
@@ -358,6 +367,78 @@ def run_finetune(argv: list[str]) -> int:
 
 # --------------------------------------------------------------------------- the table
 
+# --------------------------------------------------------------------------- locate
+
+def run_locate(cfg) -> int:
+    from .locate import locate, print_summary
+    from .runs import new_run_dir
+
+    _library_bars(cfg.progress)
+    main = _is_main_process()
+    run_dir = new_run_dir("locate", cfg.model, cfg.out, cfg.overwrite, resume=True) if main else None
+    result = locate(cfg, run_dir=run_dir)
+    if main:
+        print_summary(result, run_dir)
+    return 0
+
+
+# --------------------------------------------------------------------------- experiment, report, demo
+
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML (see examples/experiment-demo.yaml)")
+    p.add_argument("--name", help="which experiment of a file that holds several (---)")
+    p.add_argument("--out", help="run folder (default runs/experiment-<name>-<time>); rerun it to resume")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write report.html and report.md into the run folder at the end")
+
+
+def run_experiment_cmd(args) -> int:
+    from rich.console import Console
+
+    from .experiment import ExperimentConfig, run_experiment
+
+    _library_bars(args.progress)
+    cfg = ExperimentConfig.from_yaml(args.config, args.name)
+    result = run_experiment(cfg, args.out, progress=args.progress)
+    run = Path(result.run_dir)
+    if args.report:
+        from .report import write_report
+
+        rep = write_report(run)
+        Console().print(f"report: {rep.html}")
+    Console().print(f"results: {run / 'results.md'}")
+    return 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder written by experiment, demo, analyze or locate")
+    p.add_argument("--out", help="where report.html goes (a folder or a .html path; default: the run folder)")
+    p.add_argument("--title", help="page title")
+
+
+def run_report(args) -> int:
+    from rich.console import Console
+
+    from .report import ReportConfig, report
+
+    result = report(ReportConfig(run=args.run, out=args.out, title=args.title))
+    Console().print(f"report: {result.html} ({len(result.sections)} sections, {result.images} figures); "
+                    f"summary: {result.markdown}")
+    return 0
+
+
+def run_demo_cmd(cfg) -> int:
+    from rich.console import Console
+
+    from .demo import run_demo
+
+    _library_bars(cfg.progress)
+    run = run_demo(cfg)
+    Console().print(f"demo finished: open {Path(run) / 'report.html'}")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     """One subcommand. ``config`` is ``"module:Class"`` inside this package, imported on use.
@@ -417,6 +498,27 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "scenarios:ScenarioConfig", run_scenario, field_help=SCENARIO_HELP,
             epilog="examples:\n  safety-layers scenario --scenario implicit --source alpaca.json --n 1000 "
                    "--out implicit.jsonl\n"),
+    Command("locate", "find the safety-layer band by scaling candidate layers and counting over-rejection",
+            "Scale the attention and MLP weights of candidate bands by alpha, count refusals on an "
+            "over-rejection set (first-token proxy screen, generation confirms), sweep the upper then the "
+            "lower bound (paper §3.4). Ranges are 0-based and inclusive. An interrupted run resumes.",
+            "locate:LocateConfig", run_locate, defaults=DEMO_DEFAULTS,
+            epilog="examples:\n  safety-layers locate\n  safety-layers locate --init 6-12 --alpha 1.15\n"),
+    Command("experiment", "the paper's protocol from a YAML config: band, scenarios x methods x seeds, results table",
+            "Locate (or take) the band, fine-tune every scenario x method x lr x seed cell, evaluate each, and "
+            "write a Table-2-style results table, drift diagnostics and a report. Every cell is saved when it "
+            "finishes; rerunning the same command resumes.",
+            None, run_experiment_cmd, extra=_experiment_args,
+            epilog="examples:\n  safety-layers experiment examples/experiment-demo.yaml --out runs/exp\n"
+                   "  safety-layers experiment examples/experiment-paper.yaml --name llama-3-8b\n"),
+    Command("report", "one self-contained HTML page (and Markdown) from a run folder",
+            "Plots embedded, no network needed to view it; counts and rates only, never completions.",
+            None, run_report, extra=_report_args, epilog="examples:\n  safety-layers report runs/demo\n"),
+    Command("demo", "the whole method on the embedded model: align, analyze, locate, attack, SPPFT, evaluate, report",
+            "Builds (or reuses) the aligned demo model, compares it with the bare model, locates its safety "
+            "layers, fine-tunes with full FT and SPPFT under the implicit attack, evaluates both and writes "
+            "runs/demo/report.html. A rerun reuses every finished step.",
+            "demo:DemoConfig", run_demo_cmd),
 ]}
 
 

@@ -83,10 +83,11 @@ def slug(text: str) -> str:
 
 
 def new_run_dir(verb: str, model: str, out: str | Path | None = None, overwrite: bool = False,
-                root: str | Path = "runs") -> Path:
-    """Create the run folder; an existing non-empty one needs ``overwrite``."""
+                root: str | Path = "runs", resume: bool = False) -> Path:
+    """Create the run folder; an existing non-empty one needs ``overwrite``, or ``resume``
+    for commands that continue the run they find there."""
     path = Path(out) if out else Path(root) / f"{verb}-{slug(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if path.exists() and any(path.iterdir()) and not overwrite:
+    if path.exists() and any(path.iterdir()) and not (overwrite or resume):
         raise SafetyLayersError(f"output folder {path} exists and is not empty: pass --overwrite or choose another --out")
     path.mkdir(parents=True, exist_ok=True)
     return path
