@@ -647,13 +647,13 @@ def read_manifest(folder: str | Path) -> dict | None:
 # --------------------------------------------------------------------------- the demo model
 
 #: Bumped whenever DEMO_RECIPE changes, so a cached demo model of an older recipe is rebuilt.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 
 
 def demo_config(out: str | Path | None = None) -> AlignConfig:
     """The recipe of the aligned demo model (see the module docstring and bench/bench_align.py)."""
     return AlignConfig(model="smollm2-135m-instruct", out=str(out or demo_folder()), overwrite=True,
-                       method="full", epochs=2.0, lr=3e-5, seed=0)
+                       method="full", epochs=2.0, lr=3e-5, recovery_fraction=0.5, seed=0)
 
 
 def demo_folder() -> Path:
