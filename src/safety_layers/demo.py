@@ -39,7 +39,7 @@ class DemoConfig:
         "help": "the bare model: reference of the analysis and author of the self-distilled answers"})
     data: str | None = field(default=None, metadata={
         "help": "benign instruction file (e.g. alpaca_data_1k.json); None: built-in prompts, self-distilled answers"})
-    n: int | None = field(default=128, metadata={
+    n: int | None = field(default=64, metadata={
         "help": "training rows, at most (None: every row that is not held out)"})
     holdout: int = field(default=16, metadata={"help": "benign rows held out as Rouge-L references"})
     answer_tokens: int = field(default=48, metadata={"help": "length of the self-distilled answers"})
@@ -49,12 +49,12 @@ class DemoConfig:
     locate: dict = field(default_factory=dict, metadata={"help": "LocateConfig settings for the band search"})
     analysis: dict = field(default_factory=dict, metadata={
         "help": "AnalyzeConfig settings of the existence analysis (its reference is `reference`)"})
-    epochs: float = field(default=2.0, metadata={"help": "training epochs"})
+    epochs: float = field(default=1.0, metadata={"help": "training epochs"})
     lr: float = field(default=1e-4, metadata={"help": "learning rate"})
     batch_size: int = field(default=4, metadata={"help": "batch size"})
     seed: int = field(default=0, metadata={"help": "training seed"})
-    eval_limit: int | None = field(default=100, metadata={"help": "prompts per evaluation set"})
-    drift_limit: int | None = field(default=50, metadata={
+    eval_limit: int | None = field(default=64, metadata={"help": "prompts per evaluation set"})
+    drift_limit: int | None = field(default=32, metadata={
         "help": "over-rejection prompts for 'does the band still hold' (4 generation passes each)"})
     max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per evaluation prompt"})
     keep_models: bool = field(default=False, metadata={"help": "keep the tuned models"})
