@@ -85,7 +85,10 @@ def test_help_of_every_command(capsys):
     for name in COMMANDS:
         assert main([name, "--help"]) == 0
         out = capsys.readouterr().out
-        assert out.startswith(f"usage: safety-layers {name}") and "--config" in out
+        assert out.startswith(f"usage: safety-layers {name}")
+        # config-driven commands take --config; experiment and report take a positional file / folder
+        expected = "--config" if COMMANDS[name].config else {"experiment": "config", "report": "run"}[name]
+        assert expected in out.split("\n\n")[0], (name, expected)
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in COMMANDS) and "0-based" in out and "inclusive" in out
@@ -310,3 +313,30 @@ def test_finetune_bad_input(tmp_path, capsys):
     data = _instruction_file(tmp_path / "d.jsonl", 4)
     assert main(["finetune", *BARE, "--data", str(data), "--output-dir", run]) == 2  # sppft without a band
     assert "--layers START-END" in _error_line(capsys)
+
+
+def test_demo_then_report_on_the_bundled_model(tmp_path, capsys):
+    """The demo pipeline end to end on the bare model with a given band, tiny sizes; a rerun
+    reuses every cell, and `report` re-renders the run folder."""
+    data = _instruction_file(tmp_path / "benign.jsonl", n=12)
+    settings = tmp_path / "demo.yaml"
+    settings.write_text("analysis: {limit: 6, pairs: 20, bootstrap: 0}\n", encoding="utf-8")
+    out = tmp_path / "demo"
+    argv = ["demo", "--config", str(settings), "--model", "smollm2-135m-instruct", "--band", "6-9",
+            "--data", str(data), "--holdout", "2", "--n", "8", "--batch-size", "4", "--eval-limit", "3",
+            "--drift-limit", "2", "--max-new-tokens", "6", "--answer-tokens", "6", "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 0
+    assert "report.html" in capsys.readouterr().out
+    cells = sorted((out / "cells").glob("*/cell.json"))
+    assert [c.parent.name for c in cells] == ["implicit__full__lr0.0001__seed0", "implicit__sppft__lr0.0001__seed0"]
+    assert all(json.loads(c.read_text())["status"] == "done" for c in cells)
+    results = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in results["rows"]} == {"full", "sppft"}
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Existence analysis" in html and "Results" in html and "http://" not in html
+    stamps = [c.stat().st_mtime_ns for c in cells]
+    assert main(argv) == 0                                          # rerun: every cell reused
+    assert [c.stat().st_mtime_ns for c in cells] == stamps
+    assert main(["report", str(out), "--out", str(tmp_path / "again.html")]) == 0
+    assert (tmp_path / "again.html").is_file() and (tmp_path / "again.md").is_file()
