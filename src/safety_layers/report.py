@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import SafetyLayersError
+from .experiment import EXPERIMENT_VERSION  # a light import: experiment loads torch only inside its functions
 from .runs import atomic_write
 
-#: ``experiment.json`` format versions this module can read.
-EXPERIMENT_VERSIONS = (1,)
+#: ``experiment.json`` format versions this module can read: the one :mod:`experiment` writes.
+EXPERIMENT_VERSIONS = (EXPERIMENT_VERSION,)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURE_DIR = "report-figures"
 
