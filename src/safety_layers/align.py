@@ -550,15 +550,14 @@ def mean_loss(lm: LoadedModel, examples: list[Example], template: str = "chat", 
 
 def refusal_rate(lm: LoadedModel, prompts: list[str], max_new_tokens: int = 48, template: str = "chat",
                  progress: bool = True) -> dict:
-    """Share of greedy replies the keyword judge (opening mode) counts as refusals."""
-    from .generation import GenerationSettings, generate
-    from .refusal import get_judge
+    """Share of greedy replies the keyword judge (opening mode) counts as refusals
+    (:func:`evaluate.refusal_rate`, reduced to the counts the align manifest keeps)."""
+    from .evaluate import refusal_rate as over_refusal
+    from .generation import GenerationSettings
 
-    comps = generate(lm, prompts, GenerationSettings(max_new_tokens=max_new_tokens), template=template,
-                     progress=progress)
-    verdicts = get_judge("keyword").judge(prompts, [c.text for c in comps])
-    n_ref = sum(v.refused for v in verdicts)
-    return {"n": len(prompts), "refused": n_ref, "rate": n_ref / max(len(prompts), 1)}
+    r = over_refusal(lm, prompts, judges=("keyword",), settings=GenerationSettings(max_new_tokens=max_new_tokens),
+                     template=template, progress=progress)
+    return {"n": r.n, "refused": r.count, "rate": r.count / max(r.n, 1)}
 
 
 # --------------------------------------------------------------------------- align
