@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import byte_tokenizer, tiny_model
+from helpers_models import tiny_model as tiny_smollm2
 
 from safety_layers import align as al
 from safety_layers.errors import SafetyLayersError
@@ -311,3 +312,72 @@ def test_response_loss_matches_the_models_own_loss_and_gradients(arch):
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6)
     for p, g in zip(lm.model.parameters(), ref_grads):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cached_shared_prefix_gives_the_same_loss(arch):
+    """The chat template's system turn, run once per step without gradient, leaves the loss
+    unchanged; gradients differ only by the paths through the prefix's keys and values, so
+    the final norm (which sees only the batch's own positions) gets the same gradient."""
+    lm = tiny_smollm2(arch, seed=4)
+    tok = lm.tokenizer
+    examples = [al.Example("How do I bake bread?", "Mix flour and water.", "benign"),
+                al.Example("Pick a lock for me", "I can't help with that.", "refusal", prefix="Sure, here is how"),
+                al.Example("what is docker", "A tool that runs programs in containers", "benign", finished=False)]
+    enc = [al.encode_example(tok, ex, "chat", 96) for ex in examples]
+    prefix = al.shared_prefix(enc)
+    assert tok.decode(prefix).startswith("<|im_start|>system") and tok.decode(prefix).endswith("user\n")
+    first_label = min(next(i for i, x in enumerate(e.labels) if x != -100) for e in enc)
+    assert len(prefix) < first_label
+    assert al.shared_prefix(enc + [al.Encoded([5] * 20, [-100] * 10 + [5] * 10)]) == []  # nothing shared
+    batch = al._collate(enc, tok.pad_token_id)
+    lm.model.eval()
+    ref = al.response_loss(lm.model, batch)
+    ref.backward()
+    norm = lm.blocks.final_norm.weight
+    ref_norm_grad = norm.grad.clone()
+    lm.model.zero_grad(set_to_none=True)
+    ours = al.response_loss(lm.model, batch, torch.tensor(prefix))
+    ours.backward()
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(norm.grad, ref_norm_grad, rtol=1e-4, atol=1e-6)
+    assert all(p.grad is not None for p in lm.blocks.layers.parameters())
+
+
+def test_training_with_the_cached_prefix_lowers_loss_like_without():
+    losses = {}
+    for cached in (False, True):
+        lm = tiny_smollm2(seed=5)
+        ex = _examples()
+        before = al.mean_loss(lm, ex)
+        al.train_sft(lm, ex, al.SFTSettings(lr=3e-3, epochs=4, batch_size=4, warmup=0.0, prefix_cache=cached),
+                     progress=False)
+        losses[cached] = (before, al.mean_loss(lm, ex))
+    assert losses[True][0] == losses[False][0]
+    assert losses[True][1] < losses[True][0] - 0.3
+    assert abs(losses[True][1] - losses[False][1]) < 0.5 * (losses[False][0] - losses[False][1])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_kind_weights_weight_each_rows_tokens(arch):
+    """A row of weight w counts as w copies of its tokens in the mean loss."""
+    lm = tiny_model(arch, layers=2, seed=6)
+    tok = lm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    examples = [al.Example("How do I bake bread?", "Mix flour and water, then bake.", "benign"),
+                al.Example("Pick a lock for me", "I can't help with that.", "refusal")]
+    enc = [al.encode_example(tok, ex, "plain", 64) for ex in examples]
+    lm.model.eval()
+    with torch.no_grad():
+        per_row = [al.response_loss(lm.model, al._collate([e], pad)) for e in enc]
+        counts = [sum(x != -100 for x in e.labels[1:]) for e in enc]
+        plain = al.response_loss(lm.model, al._collate(enc, pad))
+        enc[0].weight = 3.0
+        batch = al._collate(enc, pad)
+        weighted = al.response_loss(lm.model, batch)
+    assert "weights" in batch
+    expect = (3 * counts[0] * per_row[0] + counts[1] * per_row[1]) / (3 * counts[0] + counts[1])
+    assert torch.allclose(weighted, expect, rtol=1e-5)
+    assert abs(weighted - plain) > 1e-3  # the rows' losses differ, so the weight moves the mean
+    with pytest.raises(SafetyLayersError, match="benign_weight"):
+        al.AlignConfig(benign_weight=0)

@@ -33,7 +33,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -100,6 +100,11 @@ class AlignConfig:
     max_length: int = field(default=128, metadata={"help": "most tokens per example (prompt + response); responses are cut"})
     warmup: float = field(default=0.1, metadata={"help": "share of steps with linear warmup"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    benign_weight: float = field(default=1.0, metadata={
+        "help": "loss weight of the benign answers relative to the refusals (>1 pushes against over-refusal)"})
+    prefix_cache: bool = field(default=True, metadata={
+        "help": "compute the prompt prefix every example shares (the chat template's system turn) once per "
+                "step, without gradient through it: same loss, about a third fewer tokens on SmolLM2"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (method=lora)"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (method=lora)"})
     seed: int = field(default=0, metadata={"help": "seed for sampling, refusal choice, shuffling and initialisation"})
@@ -110,7 +115,7 @@ class AlignConfig:
     def __post_init__(self):
         if self.method not in ("full", "lora"):
             raise SafetyLayersError(f"method must be 'full' or 'lora', got {self.method!r}")
-        for name in ("lr", "epochs"):
+        for name in ("lr", "epochs", "benign_weight"):
             if not getattr(self, name) > 0:
                 raise SafetyLayersError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("batch_size", "answer_tokens", "eval_tokens", "lora_r", "lora_alpha"):
@@ -130,7 +135,8 @@ class AlignConfig:
     def sft(self) -> "SFTSettings":
         return SFTSettings(method=self.method, lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
                            max_length=self.max_length, warmup=self.warmup, weight_decay=self.weight_decay,
-                           lora_r=self.lora_r, lora_alpha=self.lora_alpha, seed=self.seed)
+                           lora_r=self.lora_r, lora_alpha=self.lora_alpha, seed=self.seed,
+                           prefix_cache=self.prefix_cache, kind_weights={"benign": self.benign_weight})
 
 
 @dataclass
@@ -145,6 +151,8 @@ class SFTSettings:
     warmup: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    prefix_cache: bool = True     # run the prefix all examples share once per step, without gradient
+    kind_weights: dict = field(default_factory=dict)   # loss weight per Example.kind, e.g. {"benign": 2.0}
     lora_r: int = 16
     lora_alpha: int = 32
     seed: int = 0
@@ -366,6 +374,7 @@ def self_distill(lm: LoadedModel, prompts: list[str], tokens: int, template: str
 class Encoded:
     input_ids: list[int]
     labels: list[int]             # -100 where no loss (prompt, prefix)
+    weight: float = 1.0           # loss weight of each of its response tokens
 
 
 def encode_example(tokenizer, ex: Example, template: str, max_length: int) -> Encoded | None:
@@ -402,7 +411,10 @@ def _collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(e.weight != 1.0 for e in batch):
+        out["weights"] = torch.tensor([e.weight for e in batch], dtype=torch.float32)
+    return out
 
 
 def _batches(n_items: int, lengths: list[int], batch_size: int, gen: torch.Generator) -> list[list[int]]:
@@ -425,27 +437,73 @@ def _lora_targets(blocks) -> list[str]:
     return sorted({p.split(".")[-1] for p in blocks.spec.components.values()})
 
 
-def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def response_loss(model, batch: dict[str, torch.Tensor], prefix: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy over the labelled (response) tokens, as ``model(**batch).loss``.
 
     The LM head runs only where a label is: on a small model with a large vocabulary
     (SmolLM2: 576 -> 49,152) the head over every position is a fifth of a training step, and
     prompts are half the tokens. Models with logit soft-capping take the plain path.
+
+    ``prefix`` (1-D ids that every row of ``batch`` starts with, e.g. the chat template's
+    system turn) is run once without gradient and its keys and values are shared by the
+    batch, which then starts after it. The loss is the same; the gradient leaves out only the
+    paths through the prefix's own keys and values.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    weights = batch.get("weights")
     if head is None or getattr(base.config, "final_logit_softcapping", None):
-        return model(**batch).loss
-    hidden = base.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    labels = batch["labels"][:, 1:]
+        if weights is None:
+            return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        keep = labels[:, 1:] != -100
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
+        return _weighted_ce(logits, labels[:, 1:][keep], weights, keep)
+    kwargs = {}
+    if prefix is not None and len(prefix):
+        n = len(prefix)
+        with torch.no_grad():
+            cache = base.base_model(input_ids=prefix[None].to(ids.device), use_cache=True).past_key_values
+        cache.batch_repeat_interleave(ids.shape[0])
+        ids, labels = ids[:, n:], labels[:, n:]
+        kwargs = {"past_key_values": cache, "use_cache": True}
+    hidden = base.base_model(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
+    labels = labels[:, 1:]
     keep = labels != -100
     logits = head(hidden[:, :-1][keep])
+    if weights is not None:
+        return _weighted_ce(logits, labels[keep], weights, keep)
     return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
 
 
+def _weighted_ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor):
+    """Token cross-entropy averaged with each row's weight (all weights 1: the plain mean)."""
+    w = weights.to(logits.device)[:, None].expand_as(keep)[keep]
+    ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    return (ce * w).sum() / w.sum()
+
+
+def shared_prefix(encoded: list["Encoded"], min_tokens: int = 8) -> list[int]:
+    """The longest run of ids every example starts with, within the unlabelled context
+    (one token short of it, so the position that predicts the first label stays in the batch)."""
+    first = encoded[0].input_ids
+    n = min(next((i for i, x in enumerate(e.labels) if x != -100), len(e.labels)) for e in encoded) - 1
+    for e in encoded[1:]:
+        k = 0
+        while k < n and e.input_ids[k] == first[k]:
+            k += 1
+        n = k
+    return first[:n] if n >= min_tokens else []
+
+
 def train_sft(lm: LoadedModel, examples: list[Example], settings: SFTSettings | None = None, *,
-              template: str = "chat", progress: bool = True) -> TrainStats:
+              template: str = "chat", progress: bool = True,
+              callback: Callable[[int, float, Any], None] | None = None) -> TrainStats:
     """Fine-tune ``lm`` in place on ``examples`` (loss on responses only).
+
+    ``callback(step, loss, model)`` runs after every optimizer step (1-based ``step``), e.g. to
+    measure refusal along the way; it may switch the model to eval mode, training mode is
+    restored after it returns.
 
     ``method="lora"`` trains rank-``lora_r`` adapters on every attention and MLP matrix
     and merges them into the weights afterwards, so ``lm.model`` stays a plain model.
@@ -459,6 +517,9 @@ def train_sft(lm: LoadedModel, examples: list[Example], settings: SFTSettings | 
         raise SafetyLayersError("the tokenizer has no EOS token, so the model cannot learn to end a reply: "
                                 "set tokenizer.eos_token to its end-of-turn token")
     encoded = [encode_example(tok, ex, template, s.max_length) for ex in examples]
+    for e, ex in zip(encoded, examples):
+        if e is not None:
+            e.weight = float(s.kind_weights.get(ex.kind, 1.0))
     dropped = sum(e is None for e in encoded)
     encoded = [e for e in encoded if e is not None]
     if not encoded:
@@ -481,6 +542,7 @@ def train_sft(lm: LoadedModel, examples: list[Example], settings: SFTSettings | 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: (k + 1) / warm if k < warm else max(0.0, (total - k) / max(1, total - warm)))
 
+    prefix = torch.tensor(shared_prefix(encoded), dtype=torch.long) if s.prefix_cache else None
     gen = torch.Generator().manual_seed(s.seed)
     lengths = [len(e.input_ids) for e in encoded]
     plan: list[list[int]] = []
@@ -496,7 +558,7 @@ def train_sft(lm: LoadedModel, examples: list[Example], settings: SFTSettings | 
     try:
         for k, idx in enumerate(bar):
             batch = _collate([encoded[i] for i in idx], pad_id)
-            loss = response_loss(model, batch)
+            loss = response_loss(model, batch, prefix)
             loss.backward()
             if s.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
@@ -507,6 +569,9 @@ def train_sft(lm: LoadedModel, examples: list[Example], settings: SFTSettings | 
             tokens += int(batch["attention_mask"].sum())
             trained += int((batch["labels"] != -100).sum())
             bar.set_postfix(loss=f"{running[-1]:.3f}")
+            if callback is not None:
+                callback(k + 1, running[-1], model)
+                model.train()
             if (k + 1) % steps_per_epoch == 0 or k + 1 == total:
                 epoch_losses.append(sum(running) / len(running))
                 running = []
