@@ -711,13 +711,20 @@ def read_manifest(folder: str | Path) -> dict | None:
 # --------------------------------------------------------------------------- the demo model
 
 #: Bumped whenever DEMO_RECIPE changes, so a cached demo model of an older recipe is rebuilt.
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 
 
 def demo_config(out: str | Path | None = None) -> AlignConfig:
-    """The recipe of the aligned demo model (see the module docstring and bench/bench_align.py)."""
+    """The recipe of the aligned demo model (see the module docstring and bench/bench_align.py).
+
+    Chosen on the held-out splits among five measured recipes: 300 refusals + 99 recovery
+    examples against 600 self-distilled answers (3:2 benign), one epoch at lr 1e-4. Recipes
+    with equal shares refused more held-out malicious prompts (94%) but a quarter of the
+    held-out benign ones and half of XSTest's safe prompts, and took twice as long to train.
+    """
     return AlignConfig(model="smollm2-135m-instruct", out=str(out or demo_folder()), overwrite=True,
-                       method="full", epochs=2.0, lr=3e-5, recovery_fraction=0.5, seed=0)
+                       method="full", n_malicious=300, recovery_fraction=0.33, n_benign=600, answer_tokens=32,
+                       epochs=1.0, lr=1e-4, seed=0)
 
 
 def demo_folder() -> Path:
@@ -727,7 +734,7 @@ def demo_folder() -> Path:
 def build_demo(progress: bool = True, rebuild: bool = False) -> Path:
     """The aligned demo model's folder, built from the bundled model on first use.
 
-    The first call aligns SmolLM2-135M-Instruct with :func:`demo_config` (about 10-15 minutes
+    The first call aligns SmolLM2-135M-Instruct with :func:`demo_config` (about 10 minutes
     on two CPU cores) and caches it in ``cache_dir()/models/demo``; later calls return the
     folder at once. A folder built by an older recipe version is rebuilt.
     """
@@ -737,7 +744,7 @@ def build_demo(progress: bool = True, rebuild: bool = False) -> Path:
         return folder
     from rich.console import Console
 
-    Console(stderr=True).print(f"[dim]building the aligned demo model into {folder} (once; about 10-15 minutes "
+    Console(stderr=True).print(f"[dim]building the aligned demo model into {folder} (once; about 10 minutes "
                                "on 2 CPU cores)[/dim]")
     cfg = demo_config(folder)
     cfg.progress = progress

@@ -550,7 +550,7 @@ def make_parser(only: str | None = None) -> argparse.ArgumentParser:
             "Find the safety layers of an aligned chat LLM and fine-tune it without losing them. "
             "Layer indices are 0-based and ranges inclusive: 6-12 means layers 6..12. "
             "The default model is the aligned demo model 'demo' (built once from the bundled "
-            "SmolLM2-135M-Instruct, about 15 minutes on 2 CPU cores).", 100),
+            "SmolLM2-135M-Instruct, about 10 minutes on 2 CPU cores).", 100),
         epilog="examples:\n  safety-layers analyze\n  safety-layers evaluate --limit 100\n"
                "  safety-layers scenario --scenario implicit --source alpaca.json --n 1000 --out implicit.jsonl\n"
                "  safety-layers finetune --data implicit.jsonl --layers 6-12 --max-steps 100\n",

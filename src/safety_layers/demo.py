@@ -4,7 +4,7 @@
    SmolLM2-135M-Instruct (self-distillation; the generation cache keeps the answers), or the
    user's instruction file. A few rows are held out as Rouge-L references, so task quality
    is measured too;
-2. the aligned demo model (``load_model("demo")``: built once, about 15 minutes on two CPU
+2. the aligned demo model (``load_model("demo")``: built once, about 10 minutes on two CPU
    cores, then cached);
 3. the existence analysis of the demo model, with the bare model as reference;
 4. locating its safety band (:mod:`safety_layers.locate`);
@@ -168,7 +168,7 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
         folder = demo_folder()
         man = read_manifest(folder) if (folder / "config.json").is_file() else None
         if man is None or man.get("demo_version") != DEMO_VERSION:
-            log("[bold]model[/bold] the aligned demo model is built on this first run (about 15 minutes on "
+            log("[bold]model[/bold] the aligned demo model is built on this first run (about 10 minutes on "
                 "2 CPU cores), then cached")
     train, quality = benign_files(cfg, run, log)
     locate_available = importlib.util.find_spec("safety_layers.locate") is not None
