@@ -15,7 +15,11 @@ layers to find. :func:`align` teaches a model to refuse with data we wrote:
   dropped, so the base model's own over-refusals are not taught;
 - held-out prompts that training never sees, on which the refusal rates are measured.
 
-The loss covers the response tokens only. Training happens in memory; the model is written
+The loss covers the response tokens only, optionally weighted per kind (``benign_weight``).
+The prompt prefix every example shares (the chat template's system turn, a third of a short
+SmolLM2 example) is run once per step without gradient and its keys and values reused by the
+batch (``prefix_cache``): the loss is unchanged, the gradient drops only the paths through
+those keys and values. Training happens in memory; the model is written
 once, atomically, with its ``align_manifest.json`` (recipe, data counts, seed, refusal rates).
 An interrupted run leaves no model folder; rerunning restarts training and reuses the
 self-distilled answers, which the generation cache keeps on disk.
