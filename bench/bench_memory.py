@@ -10,7 +10,8 @@ and one warm-up forward; CUDA: ``max_memory_allocated`` above the weights):
 3. ``hidden_states``: the released code's way, ``output_hidden_states=True``, which holds
    every block's whole sequence before the last position is taken.
 
-Printed per L: the three peaks in MiB and the ratios ours/forward and hidden_states/forward.
+On CPU the children run with glibc's mmap threshold at 64 KiB, so a freed tensor leaves the
+RSS and the peak counts only what is live at once. Printed per L: the three peaks in MiB and the ratios ours/forward and hidden_states/forward.
 The goal is that ours/forward stays near 1 as L grows (what extraction adds does not grow
 with length), while hidden_states/forward grows with L.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -80,7 +82,8 @@ def child(mode: str, length: int, batch: int, device: str, model: str) -> dict:
         if mode == "forward":
             lm.model.model(input_ids=x, use_cache=False)
         elif mode == "ours":
-            last_token_states(lm, prompts, "plain", cache=False, progress=False, max_batch_tokens=batch * length)
+            last_token_states(lm, prompts, "plain", cache=False, progress=False,
+                              max_batch_tokens=batch * (length + 64), max_batch_size=batch)
         else:
             out = lm.model(input_ids=x, use_cache=False, output_hidden_states=True)
             torch.stack([h[:, -1] for h in out.hidden_states[1:]], dim=1)
@@ -104,12 +107,15 @@ def main():
         print(json.dumps(child(args.child[0], int(args.child[1]), args.batch, args.device, args.model)))
         return
 
+    # glibc serves large blocks from mmap and unmaps them on free, so RSS follows the live
+    # tensors instead of reusing pages freed while the model was loaded.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     rows = {}
     for length in args.lengths:
         for mode in MODES:
             cmd = [sys.executable, __file__, "--child", mode, str(length), "--batch", str(args.batch),
                    "--device", args.device, "--model", args.model]
-            res = subprocess.run(cmd, capture_output=True, text=True)
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if res.returncode != 0:
                 sys.exit(f"{mode} at length {length} failed:\n{res.stderr[-2000:]}")
             rows[(mode, length)] = json.loads(res.stdout.strip().splitlines()[-1])["peak_mib"]
