@@ -11,8 +11,8 @@ and one warm-up forward; CUDA: ``max_memory_allocated`` above the weights):
    every block's whole sequence before the last position is taken.
 
 On CPU the children run with glibc's mmap threshold at 64 KiB, so a freed tensor leaves the
-RSS and the peak counts only what is live at once. Printed per L: the three peaks in MiB and the ratios ours/forward and hidden_states/forward.
-The goal is that ours/forward stays near 1 as L grows (what extraction adds does not grow
+RSS and the peak counts only what is live at once. Printed per L: the three peaks in MiB and
+the ratios ours/forward and hidden_states/forward. The goal is that ours/forward stays near 1 as L grows (what extraction adds does not grow
 with length), while hidden_states/forward grows with L.
 
 Usage: python bench/bench_memory.py [--lengths 128 512 2048] [--batch 4] [--device cpu]
@@ -48,8 +48,8 @@ def _reset_peak() -> None:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-    except OSError:
-        pass
+    except OSError as e:
+        sys.exit(f"cannot reset the peak RSS ({e}): this bench needs Linux's /proc/self/clear_refs")
 
 
 def child(mode: str, length: int, batch: int, device: str, model: str) -> dict:
@@ -60,10 +60,8 @@ def child(mode: str, length: int, batch: int, device: str, model: str) -> dict:
 
     lm = load_model(model, device=None if device == "cpu" else device)
     tok = lm.tokenizer
-    # A prompt of exactly `length` tokens (plain template: no chat scaffolding to count).
-    words = tok("the", add_special_tokens=False)["input_ids"] * length
-    text = tok.decode(words[:length])
-    ids = tok(text, add_special_tokens=False)["input_ids"][:length]
+    # A prompt of `length` tokens (" the" is one token; plain template: no chat scaffolding).
+    ids = tok(" the" * length, add_special_tokens=False)["input_ids"][:length]
     text = tok.decode(ids)
     prompts = [text] * batch
     dev = next(lm.model.parameters()).device

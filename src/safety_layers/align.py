@@ -188,7 +188,7 @@ class AlignData:
 class TrainStats:
     steps: int
     examples: int
-    tokens: int                   # real (unpadded) tokens processed
+    tokens: int                   # real (unpadded) tokens in the batches; a cached shared prefix counts in every row
     trained_tokens: int           # tokens that carried loss
     dropped_too_long: int
     epoch_losses: list[float]
@@ -462,7 +462,7 @@ def response_loss(model, batch: dict[str, torch.Tensor], prefix: torch.Tensor | 
             return model(input_ids=ids, attention_mask=mask, labels=labels).loss
         keep = labels[:, 1:] != -100
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
-        return _weighted_ce(logits, labels[:, 1:][keep], weights, keep)
+        return _token_ce(logits, labels[:, 1:][keep], keep, weights)
     kwargs = {}
     if prefix is not None and len(prefix):
         n = len(prefix)
@@ -475,13 +475,14 @@ def response_loss(model, batch: dict[str, torch.Tensor], prefix: torch.Tensor | 
     labels = labels[:, 1:]
     keep = labels != -100
     logits = head(hidden[:, :-1][keep])
-    if weights is not None:
-        return _weighted_ce(logits, labels[keep], weights, keep)
-    return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+    return _token_ce(logits, labels[keep], keep, weights)
 
 
-def _weighted_ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor):
-    """Token cross-entropy averaged with each row's weight (all weights 1: the plain mean)."""
+def _token_ce(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor,
+              weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the kept tokens; with ``weights`` (one per row) a weighted mean."""
+    if weights is None:
+        return torch.nn.functional.cross_entropy(logits.float(), targets)
     w = weights.to(logits.device)[:, None].expand_as(keep)[keep]
     ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
     return (ce * w).sum() / w.sum()
@@ -714,7 +715,7 @@ def read_manifest(folder: str | Path) -> dict | None:
 
 # --------------------------------------------------------------------------- the demo model
 
-#: Bumped whenever DEMO_RECIPE changes, so a cached demo model of an older recipe is rebuilt.
+#: Bumped whenever :func:`demo_config` changes, so a cached demo model of an older recipe is rebuilt.
 DEMO_VERSION = 3
 
 
