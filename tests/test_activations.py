@@ -24,13 +24,36 @@ def reference_states(lm, prompts, template="chat"):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("exact", [True, False], ids=["equal-lengths", "padded"])
 @pytest.mark.parametrize("arch", ARCH_NAMES)
-def test_matches_output_hidden_states_for_every_architecture(arch):
+def test_matches_output_hidden_states_for_every_architecture(arch, exact):
     lm = tiny_model(arch, layers=3)
-    ours = last_token_states(lm, PROMPTS, cache=False, progress=False, max_batch_tokens=200)
+    ours = last_token_states(lm, PROMPTS, cache=False, progress=False, max_batch_tokens=200, exact=exact)
     ref = reference_states(lm, PROMPTS)
     assert ours.shape == (len(PROMPTS), 3, 32)
     assert (ours - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_shared_prefix_runs_once_with_the_same_vectors(arch):
+    lm = tiny_model(arch, layers=3)
+    widths = []
+
+    def spy(_m, _i, out):
+        widths.append(tuple((out[0] if isinstance(out, tuple) else out).shape[:2]))
+
+    h = lm.blocks.layers[0].register_forward_hook(spy)
+    ours = last_token_states(lm, PROMPTS, "alpaca", cache=False, progress=False, max_batch_tokens=400)
+    h.remove()
+    plain = last_token_states(lm, PROMPTS, "alpaca", cache=False, progress=False, share_prefix=False)
+    ref = reference_states(lm, PROMPTS, "alpaca")
+    assert (ours - ref).abs().max() < 1e-4 and (plain - ref).abs().max() < 1e-4
+    rendered = [render(lm.tokenizer, p, "alpaca") for p in PROMPTS]
+    lengths = [len(lm.tokenizer(r.text, add_special_tokens=r.add_special_tokens)["input_ids"]) for r in rendered]
+    rows, n = widths[0]
+    assert rows == 1 and n > 100, "the shared instruction header runs once, as one row"
+    assert sum(r for r, _ in widths[1:]) == len(PROMPTS)
+    assert max(w for _, w in widths[1:]) == max(lengths) - n
 
 
 def test_alpaca_template_and_layer_subset():
@@ -73,6 +96,8 @@ def test_batches_are_length_sorted_and_within_budget():
     for b in batches:
         assert len(b) * max(lengths[i] for i in b) <= 100 or len(b) == 1
     assert [lengths[i] for i in batches[0]] == [50, 49]
+    equal = list(_batches([5, 9, 5, 9, 9, 5, 7], max_batch_tokens=20, max_batch_size=8, equal=True))
+    assert [[[5, 9, 5, 9, 9, 5, 7][i] for i in b] for b in equal] == [[9, 9], [9], [7], [5, 5, 5]]
 
 
 def test_bad_input():

@@ -6,16 +6,22 @@ embedding output is not a layer. With ``final_norm=True`` (the default, as in th
 code, which reads ``output_hidden_states``) the last block's vector has the model's final
 norm applied, because that is what transformers returns as the last hidden state.
 
-Why it is fast: prompts are sorted by length and packed into batches by a token budget;
-pads go on the right so no real token ever attends to one (causal attention) and no
-attention mask or position shift is needed; a hook on each block keeps only the last real
-position (memory per prompt is O(layers x hidden), not O(sequence)); the forward pass is
-cut off after the last block asked for, so the LM head and later blocks never run.
+Why it is fast: the token prefix every prompt shares (the chat template's system turn, about
+half of a short prompt's tokens) runs once and its keys and values are reused by every batch,
+so only the tokens that differ are computed; prompts are grouped by length into batches
+within a token budget (by default one length per batch: no padding, so attention sums in
+the order a one-prompt forward does, and on SmolLM2 the vectors are bitwise equal to it;
+mixed lengths get pads on the right, where causal attention keeps every real token from
+seeing them, so no mask or position shift is needed); a hook on each block
+keeps only the last real position (memory per prompt is O(layers x hidden), not
+O(sequence)); the forward pass is cut off after the last block asked for, so the LM head
+and later blocks never run.
 Results are cached on disk per (model fingerprint, rendered prompt, norm choice).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from pathlib import Path
@@ -25,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .errors import SafetyLayersError
+from .generation import _new_cache
 from .models import LoadedModel, cache_dir
 from .prompts import render
 
@@ -38,13 +45,15 @@ def _cache_path(root: Path, fp: str, text: str, final_norm: bool) -> Path:
     return root / fp / key[:2] / f"{key}.safetensors"
 
 
-def _batches(lengths: list[int], max_batch_tokens: int, max_batch_size: int):
-    """Index lists, longest prompts first, each batch's padded size within the budget."""
+def _batches(lengths: list[int], max_batch_tokens: int, max_batch_size: int, equal: bool = False):
+    """Index lists, longest prompts first, each batch's padded size within the budget;
+    with ``equal`` a batch holds prompts of one length only (no padding)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batch: list[int] = []
     for i in order:
         width = lengths[batch[0]] if batch else lengths[i]
-        if batch and ((len(batch) + 1) * width > max_batch_tokens or len(batch) >= max_batch_size):
+        if batch and ((len(batch) + 1) * width > max_batch_tokens or len(batch) >= max_batch_size
+                      or (equal and lengths[i] != width)):
             yield batch
             batch = []
         batch.append(i)
@@ -52,11 +61,55 @@ def _batches(lengths: list[int], max_batch_tokens: int, max_batch_size: int):
         yield batch
 
 
+def common_prefix(ids: list[list[int]], min_tokens: int = 8) -> int:
+    """Length of the token run every prompt starts with, leaving each at least one token of
+    its own (the last token's states are the result). 0 when shorter than ``min_tokens``."""
+    n = min(len(x) for x in ids) - 1
+    first = ids[0]
+    for x in ids[1:]:
+        k = 0
+        while k < n and x[k] == first[k]:
+            k += 1
+        n = k
+    return n if n >= min_tokens else 0
+
+
+def _run_until(lm: LoadedModel, input_ids: torch.Tensor, upto: int, hook_for=None, **kwargs) -> None:
+    """Run the model on ``input_ids`` and stop right after block ``upto``."""
+    def stop(_module, _inputs, _output):
+        raise _Stop
+
+    blocks = lm.blocks.layers
+    handles = [blocks[i].register_forward_hook(hook_for(i)) for i in range(upto + 1)] if hook_for else []
+    handles.append(blocks[upto].register_forward_hook(stop))
+    try:
+        lm.model(input_ids=input_ids, **kwargs)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.inference_mode()
-def _forward_last(lm: LoadedModel, ids: list[list[int]], upto: int, final_norm: bool) -> torch.Tensor:
-    """[batch, upto+1, hidden] float32: last-real-token outputs of blocks 0..upto."""
-    model, blocks = lm.model, lm.blocks
-    device = next(model.parameters()).device
+def _prefix_cache(lm: LoadedModel, prefix: list[int], upto: int):
+    """Keys and values of blocks 0..upto for ``prefix`` (one row), or None if the model has no cache."""
+    cache = _new_cache(lm.model)
+    if cache is None:
+        return None
+    device = next(lm.model.parameters()).device
+    _run_until(lm, torch.tensor([prefix], device=device), upto, past_key_values=cache, use_cache=True)
+    return cache
+
+
+@torch.inference_mode()
+def _forward_last(lm: LoadedModel, ids: list[list[int]], upto: int, final_norm: bool,
+                  prefix=None) -> torch.Tensor:
+    """[batch, upto+1, hidden] float32: last-real-token outputs of blocks 0..upto.
+
+    With ``prefix`` (a cache from :func:`_prefix_cache`) ``ids`` are the tokens after it."""
+    blocks = lm.blocks
+    device = next(lm.model.parameters()).device
     lengths = torch.tensor([len(x) for x in ids], device=device)
     width = int(lengths.max())
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
@@ -70,19 +123,15 @@ def _forward_last(lm: LoadedModel, ids: list[list[int]], upto: int, final_norm: 
         def hook(_module, _inputs, output):
             hidden = output[0] if isinstance(output, tuple) else output
             captured[i] = hidden[rows, last].float()
-            if i == upto:
-                raise _Stop
         return hook
 
-    handles = [blocks.layers[i].register_forward_hook(hook_for(i)) for i in range(upto + 1)]
-    try:
-        # Right padding + causal attention: real tokens never see the pads, so no mask.
-        model(input_ids=input_ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    kwargs = {"use_cache": False}
+    if prefix is not None:
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(len(ids))
+        kwargs = {"past_key_values": cache, "use_cache": True}
+    # Right padding + causal attention: real tokens never see the pads, so no mask.
+    _run_until(lm, input_ids, upto, hook_for, **kwargs)
     out = torch.stack(captured, dim=1)
     if final_norm and upto == len(blocks) - 1 and blocks.final_norm is not None:
         out[:, -1] = blocks.final_norm(out[:, -1].to(next(blocks.final_norm.parameters()).dtype)).float()
@@ -93,11 +142,18 @@ def last_token_states(model: LoadedModel, prompts: list[str], template: str = "c
                       layers: list[int] | None = None, final_norm: bool = True,
                       max_batch_tokens: int = 4096, max_batch_size: int = 64,
                       cache: bool | str | Path = True, progress: bool = True,
-                      desc: str = "hidden states") -> torch.Tensor:
+                      desc: str = "hidden states", share_prefix: bool = True,
+                      exact: bool = True) -> torch.Tensor:
     """Hidden states ``[prompt, layer, hidden]`` (float32) of the last prompt token.
 
     ``layers`` (0-based) selects blocks; default all. Only blocks up to the highest one
     asked for are run. ``cache`` may be False, True (user cache folder) or a folder.
+    ``share_prefix`` computes the token prefix all prompts share once (same vectors up to
+    float rounding; off, every prompt runs from its first token as the released code does).
+    ``exact`` batches only prompts of one token length, so no padding changes the order in
+    which attention sums (measured on SmolLM2: bitwise the vectors of one prompt at a time,
+    at the same speed). False packs mixed lengths with right padding: fewer, larger batches,
+    differences in the last bits.
     """
     if not prompts:
         raise SafetyLayersError("no prompts given: a prompt set needs at least one prompt")
@@ -130,9 +186,14 @@ def last_token_states(model: LoadedModel, prompts: list[str], template: str = "c
         ids = [tok(rendered[i].text, add_special_tokens=rendered[i].add_special_tokens)["input_ids"] for i in todo]
         # Cache entries always hold every block, so any later subset is a hit.
         run_upto = n_layers - 1 if root is not None else upto
+        n_prefix = common_prefix(ids) if share_prefix else 0
+        prefix = _prefix_cache(model, ids[0][:n_prefix], run_upto) if n_prefix else None
+        if prefix is None:
+            n_prefix = 0
+        ids = [x[n_prefix:] for x in ids]
         bar = tqdm(total=len(todo), desc=desc, unit="prompt", disable=not progress, leave=False)
-        for batch in _batches([len(x) for x in ids], max_batch_tokens, max_batch_size):
-            out = _forward_last(model, [ids[j] for j in batch], run_upto, final_norm).cpu()
+        for batch in _batches([len(x) for x in ids], max_batch_tokens, max_batch_size, exact):
+            out = _forward_last(model, [ids[j] for j in batch], run_upto, final_norm, prefix).cpu()
             for row, j in enumerate(batch):
                 i = todo[j]
                 result[i] = out[row].clone()
