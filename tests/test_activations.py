@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import ARCH_NAMES, tiny_model
-from safety_layers.activations import _batches, last_token_states
+from safety_layers.activations import _batches, _forward_last, _prefix_cache, last_token_states
 from safety_layers.errors import SafetyLayersError
 from safety_layers.prompts import render
 
@@ -54,6 +54,21 @@ def test_shared_prefix_runs_once_with_the_same_vectors(arch):
     assert rows == 1 and n > 100, "the shared instruction header runs once, as one row"
     assert sum(r for r, _ in widths[1:]) == len(PROMPTS)
     assert max(w for _, w in widths[1:]) == max(lengths) - n
+
+
+def test_shared_prefix_cache_is_read_not_grown():
+    lm = tiny_model("llama", layers=3)
+    prefix = _prefix_cache(lm, list(range(5, 25)), 2)
+    before = [layer.keys.clone() for layer in prefix.layers]
+    out = _forward_last(lm, [[30, 31, 32], [33, 34, 35]], 2, True, prefix)
+    again = _forward_last(lm, [[30, 31, 32]], 2, True, prefix)
+    whole = _forward_last(lm, [list(range(5, 25)) + [30, 31, 32]], 2, True)
+    # batch sizes 2 and 1 may take different GEMM kernels: equal up to fp32 rounding
+    torch.testing.assert_close(out[0], again[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(again[0], whole[0], rtol=0, atol=1e-5)
+    assert [layer.keys.shape for layer in prefix.layers] == [b.shape for b in before]
+    assert all(torch.equal(layer.keys, b) for layer, b in zip(prefix.layers, before))
+    assert before[0].shape[0] == 1 and before[0].shape[-2] == 20
 
 
 def test_alpaca_template_and_layer_subset():

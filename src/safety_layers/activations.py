@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .errors import SafetyLayersError
-from .generation import _new_cache
+from .generation import _new_cache, cache_kwargs
 from .models import LoadedModel, cache_dir
 from .prompts import render
 
@@ -91,6 +91,27 @@ def _run_until(lm: LoadedModel, input_ids: torch.Tensor, upto: int, hook_for=Non
             h.remove()
 
 
+_FROZEN = None
+
+
+def _frozen_layer_class():
+    """A cache layer holding a shared prefix's keys and values for one row: each batch reads
+    them broadcast to its size and its own keys and values are not kept, so the cache neither
+    copies the prefix per row nor grows with the batch's tokens (memory stays O(prefix))."""
+    global _FROZEN
+    if _FROZEN is None:
+        from transformers.cache_utils import DynamicLayer
+
+        class FrozenPrefixLayer(DynamicLayer):
+            def update(self, key_states, value_states, *args, **kwargs):
+                b = key_states.shape[0]
+                return (torch.cat([self.keys.expand(b, -1, -1, -1), key_states], dim=-2),
+                        torch.cat([self.values.expand(b, -1, -1, -1), value_states], dim=-2))
+
+        _FROZEN = FrozenPrefixLayer
+    return _FROZEN
+
+
 @torch.inference_mode()
 def _prefix_cache(lm: LoadedModel, prefix: list[int], upto: int):
     """Keys and values of blocks 0..upto for ``prefix`` (one row), or None if the model has no cache."""
@@ -98,7 +119,12 @@ def _prefix_cache(lm: LoadedModel, prefix: list[int], upto: int):
     if cache is None:
         return None
     device = next(lm.model.parameters()).device
-    _run_until(lm, torch.tensor([prefix], device=device), upto, past_key_values=cache, use_cache=True)
+    _run_until(lm, torch.tensor([prefix], device=device), upto, **cache_kwargs(cache))
+    layers = getattr(cache, "layers", None)
+    if layers and all(type(layer).__name__ == "DynamicLayer" for layer in layers[: upto + 1]):
+        for layer in layers[: upto + 1]:
+            layer.__class__ = _frozen_layer_class()
+        cache.frozen = True
     return cache
 
 
@@ -127,9 +153,11 @@ def _forward_last(lm: LoadedModel, ids: list[list[int]], upto: int, final_norm: 
 
     kwargs = {"use_cache": False}
     if prefix is not None:
-        cache = copy.deepcopy(prefix)
-        cache.batch_repeat_interleave(len(ids))
-        kwargs = {"past_key_values": cache, "use_cache": True}
+        cache = prefix
+        if not getattr(prefix, "frozen", False):     # e.g. sliding-window layers: a grown copy per batch
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(len(ids))
+        kwargs = cache_kwargs(cache)
     # Right padding + causal attention: real tokens never see the pads, so no mask.
     _run_until(lm, input_ids, upto, hook_for, **kwargs)
     out = torch.stack(captured, dim=1)

@@ -42,6 +42,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from .errors import SafetyLayersError
+from .generation import cache_kwargs, output_cache
 from .models import LoadedModel, cache_dir, find_blocks, load_or_use
 from .prompts import render, resolve_template
 
@@ -467,10 +468,10 @@ def response_loss(model, batch: dict[str, torch.Tensor], prefix: torch.Tensor | 
     if prefix is not None and len(prefix):
         n = len(prefix)
         with torch.no_grad():
-            cache = base.base_model(input_ids=prefix[None].to(ids.device), use_cache=True).past_key_values
+            cache = output_cache(base.base_model(input_ids=prefix[None].to(ids.device), use_cache=True))
         cache.batch_repeat_interleave(ids.shape[0])
         ids, labels = ids[:, n:], labels[:, n:]
-        kwargs = {"past_key_values": cache, "use_cache": True}
+        kwargs = cache_kwargs(cache)
     hidden = base.base_model(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
     labels = labels[:, 1:]
     keep = labels != -100

@@ -193,6 +193,30 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
+def _cache_arg_name() -> str:
+    """The forward's KV-cache argument: ``cache`` in recent transformers (which warns on the
+    old ``past_key_values`` name), ``past_key_values`` before."""
+    global _CACHE_ARG
+    if _CACHE_ARG is None:
+        from transformers import LlamaModel
+        _CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+    return _CACHE_ARG
+
+
+_CACHE_ARG: str | None = None
+
+
+def cache_kwargs(cache) -> dict:
+    """Keyword arguments that pass ``cache`` to a decoder forward and ask it to be filled."""
+    return {_cache_arg_name(): cache, "use_cache": True}
+
+
+def output_cache(out):
+    """The KV cache a forward returned, under either transformers name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def _new_cache(model, capacity: int | None = None):
     """A DynamicCache; with ``capacity`` its plain layers write into preallocated room."""
     try:
@@ -478,14 +502,14 @@ def prefill(model, seqs: list[list[int]], pad_id: int, *, share_prefix: bool = T
 
 def _forward(model, ids, mask, positions, cache, use_logits_to_keep: bool):
     """One forward on the cache; returns (cache, logits of the last column [batch, vocab])."""
-    kwargs = dict(attention_mask=mask, past_key_values=cache, use_cache=True)
+    kwargs = dict(attention_mask=mask, **cache_kwargs(cache))
     if positions is not None:
         kwargs["position_ids"] = positions
     if use_logits_to_keep:
         out = model(input_ids=ids, logits_to_keep=1, **kwargs)
-        return out.past_key_values, out.logits[:, -1, :]
+        return output_cache(out), out.logits[:, -1, :]
     out = model.base_model(input_ids=ids, **kwargs)
-    return out.past_key_values, model.get_output_embeddings()(out.last_hidden_state[:, -1, :])
+    return output_cache(out), model.get_output_embeddings()(out.last_hidden_state[:, -1, :])
 
 
 @torch.inference_mode()
@@ -524,11 +548,11 @@ def _decode_batch(model, tokenizer, rows: list[_Row], s: GenerationSettings, sto
                 gens = [gens[i] for i in keep]
         mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
         last_pos = last_pos + 1
-        kwargs = dict(attention_mask=mask, past_key_values=cache, use_cache=True)
+        kwargs = dict(attention_mask=mask, **cache_kwargs(cache))
         if pass_positions:
             kwargs["position_ids"] = last_pos[:, None]
         out = model(input_ids=nxt[:, None], **kwargs)
-        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        cache, logits = output_cache(out), out.logits[:, -1, :]
 
 
 def _finish(tokenizer, r: _Row, prompt: str, stop_ids: list[int]) -> Completion:
