@@ -16,6 +16,12 @@ The ceiling bounds tokens computed per second. With the prefix shared, fewer tok
 computed than the prompts hold, so tokens of the prompts per second can exceed it; the
 bench prints both.
 
+Sharing the prefix changes the last bits: the prefix's keys and values come from a forward of
+the prefix alone, and the fused SDPA attention kernel blocks queries and keys by length, so
+they differ from those inside a whole-prompt forward by fp32 rounding. The bench reruns both
+paths under eager attention (no blocking) to show that this is the only source, and prints
+how far the one-prompt forward itself moves between the two attention kernels.
+
 Usage: python bench/bench_activations.py [--subset 60] [--template chat]
 """
 
@@ -84,6 +90,8 @@ def main():
     ap.add_argument("--subset", type=int, default=60, help="prompts timed on the released path")
     ap.add_argument("--template", default="chat")
     ap.add_argument("--limit", type=int, default=None, help="prompts for our path (default: all 450)")
+    ap.add_argument("--no-eager-check", action="store_true",
+                    help="skip rerunning both paths under eager attention (the kernel check)")
     args = ap.parse_args()
     if not XSTEST.is_file():
         sys.exit(f"missing {XSTEST}: the bench reads XSTest from ../shared/data beside the repository")
@@ -120,6 +128,17 @@ def main():
     assert torch.equal(single[: len(sub)], ref), "generate's prefill and a plain forward should agree"
     diffs = {name: (single - v).abs().amax((1, 2)) for name, v in (("ours", ours), ("every token computed", plain))}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kernel_spread = eager_diff = None
+    if hasattr(lm.model, "set_attn_implementation") and not args.no_eager_check:
+        # Where the shared-prefix path differs, is it the attention kernel? Under eager attention
+        # (no query/key blocking) ours and the one-prompt forward are compared again.
+        default = lm.model.config._attn_implementation
+        lm.model.set_attn_implementation("eager")
+        single_eager = one_prompt_states(lm, ids)
+        ours_eager = last_token_states(lm, prompts, args.template, cache=False, progress=False)
+        lm.model.set_attn_implementation(default)
+        kernel_spread = (single - single_eager).abs().max().item()
+        eager_diff = (single_eager - ours_eager).abs().amax((1, 2))
 
     print(f"model: SmolLM2-135M-Instruct, {non_emb / 1e6:.1f}M non-embedding parameters, fp32, "
           f"{torch.get_num_threads()} threads, template {args.template}")
@@ -135,6 +154,10 @@ def main():
     for name, d in diffs.items():
         print(f"{name}: max abs difference from one prompt at a time {d.max().item():.2e} "
               f"(bitwise equal on {int((d == 0).sum())} of {len(d)} prompts; largest |value| {single.abs().max():.0f})")
+    if eager_diff is not None:
+        print(f"the one-prompt forward itself moves by {kernel_spread:.2e} between {default} and eager attention; "
+              f"under eager on both sides ours differs by {eager_diff.max().item():.2e} (bitwise equal on "
+              f"{int((eager_diff == 0).sum())} of {len(eager_diff)} prompts)")
     print(f"peak RSS: {rss:.0f} MiB")
     print(f"fraction of ceiling: {ours_tps / ceiling:.2f} in prompt tokens/s, {computed / t_ours / ceiling:.2f} in "
           f"computed tokens/s ({plain_tps / ceiling:.2f} with every token computed)")
