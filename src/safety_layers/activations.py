@@ -8,14 +8,21 @@ norm applied, because that is what transformers returns as the last hidden state
 
 Why it is fast: the token prefix every prompt shares (the chat template's system turn, about
 half of a short prompt's tokens) runs once and its keys and values are reused by every batch,
-so only the tokens that differ are computed; prompts are grouped by length into batches
+so only the tokens that differ are computed (the prefix's keys and values are read in place,
+broadcast to each batch, never copied per row); prompts are grouped by length into batches
 within a token budget (by default one length per batch: no padding, so attention sums in
-the order a one-prompt forward does, and on SmolLM2 the vectors are bitwise equal to it;
-mixed lengths get pads on the right, where causal attention keeps every real token from
+the order a one-prompt forward does; mixed lengths get pads on the right, where causal attention keeps every real token from
 seeing them, so no mask or position shift is needed); a hook on each block
 keeps only the last real position (memory per prompt is O(layers x hidden), not
 O(sequence)); the forward pass is cut off after the last block asked for, so the LM head
 and later blocks never run.
+
+Exactness (``bench/bench_activations.py``, SmolLM2, fp32 CPU): with every token computed the
+vectors are bitwise those of one prompt at a time. With the prefix shared they differ in the
+last bits (2.4e-4 at most on values up to 606), because the fused SDPA attention kernel
+blocks queries and keys by length, so the prefix alone gives slightly different keys than the
+prefix inside a whole prompt; under eager attention both paths agree bitwise, and the
+one-prompt forward itself moves by as much between the two kernels.
 Results are cached on disk per (model fingerprint, rendered prompt, norm choice).
 """
 
@@ -179,8 +186,8 @@ def last_token_states(model: LoadedModel, prompts: list[str], template: str = "c
     ``share_prefix`` computes the token prefix all prompts share once (same vectors up to
     float rounding; off, every prompt runs from its first token as the released code does).
     ``exact`` batches only prompts of one token length, so no padding changes the order in
-    which attention sums (measured on SmolLM2: bitwise the vectors of one prompt at a time,
-    at the same speed). False packs mixed lengths with right padding: fewer, larger batches,
+    which attention sums (with ``share_prefix=False`` on SmolLM2: bitwise the vectors of one
+    prompt at a time, at the same speed). False packs mixed lengths with right padding: fewer, larger batches,
     differences in the last bits.
     """
     if not prompts:
