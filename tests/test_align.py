@@ -381,3 +381,42 @@ def test_kind_weights_weight_each_rows_tokens(arch):
     assert abs(weighted - plain) > 1e-3  # the rows' losses differ, so the weight moves the mean
     with pytest.raises(SafetyLayersError, match="benign_weight"):
         al.AlignConfig(benign_weight=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_opening_weight_weights_each_replys_first_tokens(arch):
+    """opening=(k, w): each reply's first k labelled tokens count w times, with or without a shared prefix."""
+    lm = tiny_model(arch, layers=2, seed=7)
+    tok = lm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    examples = [al.Example("Tell me: bake bread?", "Mix flour and water, then bake it.", "benign"),
+                al.Example("Tell me: pick a lock", "I can't help with that one.", "refusal", prefix="Sure, here")]
+    enc = [al.encode_example(tok, ex, "plain", 256) for ex in examples]
+    enc[1].weight = 2.0
+    k, w = 3, 5.0
+    lm.model.eval()
+    with torch.no_grad():
+        batch = al._collate(enc, pad, (k, w))
+        logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        keep = labels != -100
+        ce = torch.nn.functional.cross_entropy(logits[keep].float(), labels[keep], reduction="none")
+        tw = []
+        for row, e in zip(keep.tolist(), enc):
+            seen = 0
+            for kept in row:
+                if kept:
+                    seen += 1
+                    tw.append(e.weight * (w if seen <= k else 1.0))
+        tw = torch.tensor(tw)
+        expect = (ce * tw).sum() / tw.sum()
+        ours = al.response_loss(lm.model, batch)
+        n = len(al.shared_prefix(enc))
+        with_prefix = al.response_loss(lm.model, batch, torch.tensor(enc[0].input_ids[:n])) if n else ours
+    assert batch["weights"].shape == batch["labels"].shape
+    assert torch.allclose(ours, expect, rtol=1e-5)
+    assert torch.allclose(with_prefix, expect, rtol=1e-4)
+    assert abs(expect - (ce * torch.tensor([enc[i].weight for i, r in enumerate(keep.tolist()) for x in r if x])).sum()
+               / sum(enc[i].weight for i, r in enumerate(keep.tolist()) for x in r if x)) > 1e-4
+    with pytest.raises(SafetyLayersError, match="opening_weight"):
+        al.AlignConfig(opening_weight=0)

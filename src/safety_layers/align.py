@@ -15,7 +15,9 @@ layers to find. :func:`align` teaches a model to refuse with data we wrote:
   dropped, so the base model's own over-refusals are not taught;
 - held-out prompts that training never sees, on which the refusal rates are measured.
 
-The loss covers the response tokens only, optionally weighted per kind (``benign_weight``).
+The loss covers the response tokens only, optionally weighted per kind (``benign_weight``)
+and on each reply's first tokens (``opening_weight``), where a greedy reply is decided to
+be a refusal or an answer.
 The prompt prefix every example shares (the chat template's system turn, a third of a short
 SmolLM2 example) is run once per step without gradient and its keys and values reused by the
 batch (``prefix_cache``): the loss is unchanged, the gradient drops only the paths through
@@ -107,6 +109,10 @@ class AlignConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     benign_weight: float = field(default=1.0, metadata={
         "help": "loss weight of the benign answers relative to the refusals (>1 pushes against over-refusal)"})
+    opening_weight: float = field(default=1.0, metadata={
+        "help": "loss weight of each reply's first opening_tokens tokens, where a reply turns into a refusal or "
+                "an answer (1: plain mean)"})
+    opening_tokens: int = field(default=4, metadata={"help": "reply tokens that opening_weight covers"})
     prefix_cache: bool = field(default=True, metadata={
         "help": "compute the prompt prefix every example shares (the chat template's system turn) once per "
                 "step, without gradient through it: same loss, about a third fewer tokens on SmolLM2"})
@@ -120,10 +126,10 @@ class AlignConfig:
     def __post_init__(self):
         if self.method not in ("full", "lora"):
             raise SafetyLayersError(f"method must be 'full' or 'lora', got {self.method!r}")
-        for name in ("lr", "epochs", "benign_weight"):
+        for name in ("lr", "epochs", "benign_weight", "opening_weight"):
             if not getattr(self, name) > 0:
                 raise SafetyLayersError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("batch_size", "answer_tokens", "eval_tokens", "lora_r", "lora_alpha"):
+        for name in ("batch_size", "answer_tokens", "eval_tokens", "lora_r", "lora_alpha", "opening_tokens"):
             if getattr(self, name) < 1:
                 raise SafetyLayersError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_length < 16:
@@ -141,7 +147,8 @@ class AlignConfig:
         return SFTSettings(method=self.method, lr=self.lr, epochs=self.epochs, batch_size=self.batch_size,
                            max_length=self.max_length, warmup=self.warmup, weight_decay=self.weight_decay,
                            lora_r=self.lora_r, lora_alpha=self.lora_alpha, seed=self.seed,
-                           prefix_cache=self.prefix_cache, kind_weights={"benign": self.benign_weight})
+                           prefix_cache=self.prefix_cache, kind_weights={"benign": self.benign_weight},
+                           opening_tokens=self.opening_tokens, opening_weight=self.opening_weight)
 
 
 @dataclass
@@ -158,6 +165,8 @@ class SFTSettings:
     grad_clip: float = 1.0
     prefix_cache: bool = True     # run the prefix all examples share once per step, without gradient
     kind_weights: dict = field(default_factory=dict)   # loss weight per Example.kind, e.g. {"benign": 2.0}
+    opening_tokens: int = 4       # how many first reply tokens opening_weight covers
+    opening_weight: float = 1.0   # loss weight of those tokens, where refuse-or-answer is decided
     lora_r: int = 16
     lora_alpha: int = 32
     seed: int = 0
@@ -406,7 +415,9 @@ def encode_example(tokenizer, ex: Example, template: str, max_length: int) -> En
     return Encoded(context + resp_ids, [-100] * len(context) + resp_ids)
 
 
-def _collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+def _collate(batch: list[Encoded], pad_id: int, opening: tuple[int, float] = (0, 1.0)) -> dict[str, torch.Tensor]:
+    """Right-padded tensors; ``weights`` (per row) when any row is weighted, and per-token
+    ``weights`` [batch, width] when ``opening = (k, w)`` weighs each reply's first k labels by w."""
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -419,6 +430,11 @@ def _collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if any(e.weight != 1.0 for e in batch):
         out["weights"] = torch.tensor([e.weight for e in batch], dtype=torch.float32)
+    k, w = opening
+    if k > 0 and w != 1.0:
+        rows = out.pop("weights", torch.ones(len(batch)))
+        first = (labels != -100) & ((labels != -100).cumsum(1) <= k)
+        out["weights"] = rows[:, None] * torch.where(first, w, 1.0)
     return out
 
 
@@ -463,7 +479,8 @@ def response_loss(model, batch: dict[str, torch.Tensor], prefix: torch.Tensor | 
             return model(input_ids=ids, attention_mask=mask, labels=labels).loss
         keep = labels[:, 1:] != -100
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
-        return _token_ce(logits, labels[:, 1:][keep], keep, weights)
+        return _token_ce(logits, labels[:, 1:][keep], keep, weights if weights is None or weights.dim() == 1
+                         else weights[:, 1:])
     kwargs = {}
     if prefix is not None and len(prefix):
         n = len(prefix)
@@ -471,20 +488,24 @@ def response_loss(model, batch: dict[str, torch.Tensor], prefix: torch.Tensor | 
             cache = output_cache(base.base_model(input_ids=prefix[None].to(ids.device), use_cache=True))
         cache.batch_repeat_interleave(ids.shape[0])
         ids, labels = ids[:, n:], labels[:, n:]
+        if weights is not None and weights.dim() == 2:
+            weights = weights[:, n:]
         kwargs = cache_kwargs(cache)
     hidden = base.base_model(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
     labels = labels[:, 1:]
     keep = labels != -100
     logits = head(hidden[:, :-1][keep])
-    return _token_ce(logits, labels[keep], keep, weights)
+    return _token_ce(logits, labels[keep], keep, weights if weights is None or weights.dim() == 1 else weights[:, 1:])
 
 
 def _token_ce(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor,
               weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean cross-entropy of the kept tokens; with ``weights`` (one per row) a weighted mean."""
+    """Mean cross-entropy of the kept tokens; with ``weights`` (one per row, or one per token
+    shaped like ``keep``) a weighted mean."""
     if weights is None:
         return torch.nn.functional.cross_entropy(logits.float(), targets)
-    w = weights.to(logits.device)[:, None].expand_as(keep)[keep]
+    weights = weights.to(logits.device)
+    w = (weights[:, None].expand_as(keep) if weights.dim() == 1 else weights)[keep]
     ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
     return (ce * w).sum() / w.sum()
 
@@ -563,7 +584,7 @@ def train_sft(lm: LoadedModel, examples: list[Example], settings: SFTSettings | 
     bar = tqdm(plan, desc=f"align ({s.method})", unit="step", disable=not progress, leave=False)
     try:
         for k, idx in enumerate(bar):
-            batch = _collate([encoded[i] for i in idx], pad_id)
+            batch = _collate([encoded[i] for i in idx], pad_id, (s.opening_tokens, s.opening_weight))
             loss = response_loss(model, batch, prefix)
             loss.backward()
             if s.grad_clip:
