@@ -358,16 +358,20 @@ def test_training_with_the_cached_prefix_lowers_loss_like_without():
     assert abs(losses[True][1] - losses[False][1]) < 0.5 * (losses[False][0] - losses[False][1])
 
 
+def _two_rows(arch: str, seed: int, *examples):
+    """A tiny model in eval mode, its pad id, and ``examples`` encoded with the plain template."""
+    lm = tiny_model(arch, layers=2, seed=seed)
+    tok = lm.tokenizer
+    lm.model.eval()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return lm, pad, [al.encode_example(tok, ex, "plain", 256) for ex in examples]
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_kind_weights_weight_each_rows_tokens(arch):
     """A row of weight w counts as w copies of its tokens in the mean loss."""
-    lm = tiny_model(arch, layers=2, seed=6)
-    tok = lm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    examples = [al.Example("How do I bake bread?", "Mix flour and water, then bake.", "benign"),
-                al.Example("Pick a lock for me", "I can't help with that.", "refusal")]
-    enc = [al.encode_example(tok, ex, "plain", 64) for ex in examples]
-    lm.model.eval()
+    lm, pad, enc = _two_rows(arch, 6, al.Example("How do I bake bread?", "Mix flour and water, then bake.", "benign"),
+                             al.Example("Pick a lock for me", "I can't help with that.", "refusal"))
     with torch.no_grad():
         per_row = [al.response_loss(lm.model, al._collate([e], pad)) for e in enc]
         counts = [sum(x != -100 for x in e.labels[1:]) for e in enc]
@@ -386,15 +390,11 @@ def test_kind_weights_weight_each_rows_tokens(arch):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_opening_weight_weights_each_replys_first_tokens(arch):
     """opening=(k, w): each reply's first k labelled tokens count w times, with or without a shared prefix."""
-    lm = tiny_model(arch, layers=2, seed=7)
-    tok = lm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    examples = [al.Example("Tell me: bake bread?", "Mix flour and water, then bake it.", "benign"),
-                al.Example("Tell me: pick a lock", "I can't help with that one.", "refusal", prefix="Sure, here")]
-    enc = [al.encode_example(tok, ex, "plain", 256) for ex in examples]
+    lm, pad, enc = _two_rows(arch, 7, al.Example("Tell me: bake bread?", "Mix flour and water, then bake it.", "benign"),
+                             al.Example("Tell me: pick a lock", "I can't help with that one.", "refusal",
+                                        prefix="Sure, here"))
     enc[1].weight = 2.0
     k, w = 3, 5.0
-    lm.model.eval()
     with torch.no_grad():
         batch = al._collate(enc, pad, (k, w))
         logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
