@@ -738,20 +738,23 @@ def read_manifest(folder: str | Path) -> dict | None:
 # --------------------------------------------------------------------------- the demo model
 
 #: Bumped whenever :func:`demo_config` changes, so a cached demo model of an older recipe is rebuilt.
-DEMO_VERSION = 3
+DEMO_VERSION = 4
 
 
 def demo_config(out: str | Path | None = None) -> AlignConfig:
     """The recipe of the aligned demo model (see the module docstring and bench/bench_align.py).
 
-    Chosen on the held-out splits among five measured recipes: 300 refusals + 99 recovery
-    examples against 600 self-distilled answers (3:2 benign), one epoch at lr 1e-4. Recipes
-    with equal shares refused more held-out malicious prompts (94%) but a quarter of the
-    held-out benign ones and half of XSTest's safe prompts, and took twice as long to train.
+    Chosen on the held-out splits and on robustness to the implicit attack: 300 refusals +
+    99 recovery examples against 600 self-distilled answers (3:2 benign), one epoch at lr
+    1e-4, the first 4 reply tokens weighted 4x (v4). Against the same recipe without the
+    opening weight (v3) it refused 3.6-4.5 points fewer held-out benign prompts and 0.9-3.7
+    more malicious ones in each of three seeds, and kept 64% instead of 28% held-out refusal
+    after the implicit attack at lr 2e-5. Recipes with equal shares refused more held-out
+    malicious prompts (94%) but a quarter of the held-out benign ones.
     """
     return AlignConfig(model="smollm2-135m-instruct", out=str(out or demo_folder()), overwrite=True,
                        method="full", n_malicious=300, recovery_fraction=0.33, n_benign=600, answer_tokens=32,
-                       epochs=1.0, lr=1e-4, seed=0)
+                       epochs=1.0, lr=1e-4, opening_weight=4.0, seed=0)
 
 
 def demo_folder() -> Path:
