@@ -59,6 +59,7 @@ def test_shared_prefix_runs_once_with_the_same_vectors(arch):
 def test_shared_prefix_cache_is_read_not_grown():
     lm = tiny_model("llama", layers=3)
     prefix = _prefix_cache(lm, list(range(5, 25)), 2)
+    assert prefix.frozen  # plain layers: read in place, not copied per batch
     before = [layer.keys.clone() for layer in prefix.layers]
     out = _forward_last(lm, [[30, 31, 32], [33, 34, 35]], 2, True, prefix)
     again = _forward_last(lm, [[30, 31, 32]], 2, True, prefix)

@@ -11,8 +11,9 @@ half of a short prompt's tokens) runs once and its keys and values are reused by
 so only the tokens that differ are computed (the prefix's keys and values are read in place,
 broadcast to each batch, never copied per row); prompts are grouped by length into batches
 within a token budget (by default one length per batch: no padding, so attention sums in
-the order a one-prompt forward does; mixed lengths get pads on the right, where causal attention keeps every real token from
-seeing them, so no mask or position shift is needed); a hook on each block
+the order a one-prompt forward does; mixed lengths get pads on the right, where causal
+attention keeps every real token from seeing them, so no mask or position shift is
+needed); a hook on each block
 keeps only the last real position (memory per prompt is O(layers x hidden), not
 O(sequence)); the forward pass is cut off after the last block asked for, so the LM head
 and later blocks never run.
@@ -38,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .errors import SafetyLayersError
-from .generation import _new_cache, cache_kwargs
+from .generation import _new_cache, _plain_layers, cache_kwargs
 from .models import LoadedModel, cache_dir
 from .prompts import render
 
@@ -127,9 +128,8 @@ def _prefix_cache(lm: LoadedModel, prefix: list[int], upto: int):
         return None
     device = next(lm.model.parameters()).device
     _run_until(lm, torch.tensor([prefix], device=device), upto, **cache_kwargs(cache))
-    layers = getattr(cache, "layers", None)
-    if layers and all(type(layer).__name__ == "DynamicLayer" for layer in layers[: upto + 1]):
-        for layer in layers[: upto + 1]:
+    if _plain_layers(cache, upto):
+        for layer in cache.layers[: upto + 1]:
             layer.__class__ = _frozen_layer_class()
         cache.frozen = True
     return cache
@@ -187,8 +187,8 @@ def last_token_states(model: LoadedModel, prompts: list[str], template: str = "c
     float rounding; off, every prompt runs from its first token as the released code does).
     ``exact`` batches only prompts of one token length, so no padding changes the order in
     which attention sums (with ``share_prefix=False`` on SmolLM2: bitwise the vectors of one
-    prompt at a time, at the same speed). False packs mixed lengths with right padding: fewer, larger batches,
-    differences in the last bits.
+    prompt at a time, at the same speed). False packs mixed lengths with right padding:
+    fewer, larger batches, differences in the last bits.
     """
     if not prompts:
         raise SafetyLayersError("no prompts given: a prompt set needs at least one prompt")

@@ -416,8 +416,8 @@ def encode_example(tokenizer, ex: Example, template: str, max_length: int) -> En
 
 
 def _collate(batch: list[Encoded], pad_id: int, opening: tuple[int, float] = (0, 1.0)) -> dict[str, torch.Tensor]:
-    """Right-padded tensors; ``weights`` (per row) when any row is weighted, and per-token
-    ``weights`` [batch, width] when ``opening = (k, w)`` weighs each reply's first k labels by w."""
+    """Right-padded tensors, plus per-token loss ``weights`` [batch, width] when any row is
+    weighted or ``opening = (k, w)`` weighs each reply's first k labels by w."""
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -428,13 +428,14 @@ def _collate(batch: list[Encoded], pad_id: int, opening: tuple[int, float] = (0,
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    if any(e.weight != 1.0 for e in batch):
-        out["weights"] = torch.tensor([e.weight for e in batch], dtype=torch.float32)
     k, w = opening
-    if k > 0 and w != 1.0:
-        rows = out.pop("weights", torch.ones(len(batch)))
-        first = (labels != -100) & ((labels != -100).cumsum(1) <= k)
-        out["weights"] = rows[:, None] * torch.where(first, w, 1.0)
+    opening_on = k > 0 and w != 1.0
+    if opening_on or any(e.weight != 1.0 for e in batch):
+        weights = torch.tensor([e.weight for e in batch], dtype=torch.float32)[:, None].expand(-1, width)
+        if opening_on:
+            labelled = labels != -100
+            weights = weights * torch.where(labelled & (labelled.cumsum(1) <= k), w, 1.0)
+        out["weights"] = weights
     return out
 
 
@@ -479,8 +480,7 @@ def response_loss(model, batch: dict[str, torch.Tensor], prefix: torch.Tensor | 
             return model(input_ids=ids, attention_mask=mask, labels=labels).loss
         keep = labels[:, 1:] != -100
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
-        return _token_ce(logits, labels[:, 1:][keep], keep, weights if weights is None or weights.dim() == 1
-                         else weights[:, 1:])
+        return _token_ce(logits, labels[:, 1:][keep], weights[:, 1:][keep])
     kwargs = {}
     if prefix is not None and len(prefix):
         n = len(prefix)
@@ -488,24 +488,21 @@ def response_loss(model, batch: dict[str, torch.Tensor], prefix: torch.Tensor | 
             cache = output_cache(base.base_model(input_ids=prefix[None].to(ids.device), use_cache=True))
         cache.batch_repeat_interleave(ids.shape[0])
         ids, labels = ids[:, n:], labels[:, n:]
-        if weights is not None and weights.dim() == 2:
+        if weights is not None:
             weights = weights[:, n:]
         kwargs = cache_kwargs(cache)
     hidden = base.base_model(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state
     labels = labels[:, 1:]
     keep = labels != -100
     logits = head(hidden[:, :-1][keep])
-    return _token_ce(logits, labels[keep], keep, weights if weights is None or weights.dim() == 1 else weights[:, 1:])
+    return _token_ce(logits, labels[keep], None if weights is None else weights[:, 1:][keep])
 
 
-def _token_ce(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor,
-              weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean cross-entropy of the kept tokens; with ``weights`` (one per row, or one per token
-    shaped like ``keep``) a weighted mean."""
+def _token_ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the kept tokens; with ``weights`` (one per kept token) a weighted mean."""
     if weights is None:
         return torch.nn.functional.cross_entropy(logits.float(), targets)
-    weights = weights.to(logits.device)
-    w = (weights[:, None].expand_as(keep) if weights.dim() == 1 else weights)[keep]
+    w = weights.to(logits.device)
     ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
     return (ce * w).sum() / w.sum()
 

@@ -193,6 +193,9 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
+_CACHE_ARG: str | None = None
+
+
 def _cache_arg_name() -> str:
     """The forward's KV-cache argument: ``cache`` in recent transformers (which warns on the
     old ``past_key_values`` name), ``past_key_values`` before."""
@@ -201,9 +204,6 @@ def _cache_arg_name() -> str:
         from transformers import LlamaModel
         _CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
     return _CACHE_ARG
-
-
-_CACHE_ARG: str | None = None
 
 
 def cache_kwargs(cache) -> dict:
@@ -227,11 +227,19 @@ def _new_cache(model, capacity: int | None = None):
         cache = DynamicCache(config=model.config)
     except TypeError:  # transformers < 4.56 takes no config
         return DynamicCache()
-    layers = getattr(cache, "layers", None)
-    if capacity and layers and all(type(l).__name__ == "DynamicLayer" for l in layers):
+    if capacity and _plain_layers(cache):
         cls = _buffered_layer_class()
-        cache.layers = [cls(capacity) for _ in layers]
+        cache.layers = [cls(capacity) for _ in cache.layers]
     return cache
+
+
+def _plain_layers(cache, upto: int | None = None) -> bool:
+    """Whether the cache's layers (0..upto, default all) are plain ``DynamicLayer``s, the only
+    kind our subclasses may replace (sliding-window layers keep their own logic)."""
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return False
+    return all(type(l).__name__ == "DynamicLayer" for l in layers[: None if upto is None else upto + 1])
 
 
 _BUFFERED = None
