@@ -145,6 +145,24 @@ def test_cache_hit_costs_no_forward_and_partial_cache_resumes(tmp_path):
     assert fc.calls > 0
 
 
+def test_reply_start_is_continued_and_left_out_of_the_completion(tmp_path):
+    lm = tiny_model("llama", seed=1, initializer_range=0.5)
+    starts = ["Sure, here", "Step 1:"]
+    s = GenerationSettings(max_new_tokens=6)
+    got = generate(lm, PROMPTS[:2], s, cache=tmp_path, progress=False, reply_start=starts)
+    stop = stop_token_ids(lm.model, lm.tokenizer)
+    for c, p, start in zip(got, PROMPTS, starts):
+        r = render(lm.tokenizer, p, "chat")
+        ids = lm.tokenizer(r.text + start, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        g = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                              eos_token_id=stop, pad_token_id=stop[0])
+        assert c.token_ids == g[0, ids.shape[1]:].tolist()
+    plain = generate(lm, PROMPTS[:2], s, cache=tmp_path, progress=False)  # same cache, other entries
+    assert [c.token_ids for c in plain] == reference(lm, PROMPTS[:2], 6)
+    with pytest.raises(SafetyLayersError, match="one string per prompt"):
+        generate(lm, PROMPTS[:2], s, cache=False, progress=False, reply_start=["only one"])
+
+
 def test_duplicate_prompts_are_generated_once():
     lm = tiny_model("llama", seed=6)
     with ForwardCounter(lm.model) as fc:

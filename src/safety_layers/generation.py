@@ -34,7 +34,7 @@ import torch
 
 from .errors import SafetyLayersError
 from .models import LoadedModel, cache_dir, load_or_use
-from .prompts import render, resolve_template
+from .prompts import Rendered, render, resolve_template
 
 Backend = Literal["hf", "vllm"]
 #: Bumped when a change to the decode loop could change outputs, so old cache entries die.
@@ -583,14 +583,17 @@ def default_batch_size(model: torch.nn.Module) -> int:
 
 def generate(model, prompts: list[str], settings: GenerationSettings | None = None, *,
              template: str = "chat", cache: bool | str | Path = True, progress: bool = True,
-             backend: Backend = "hf", system: str | None = None) -> list[Completion]:
+             backend: Backend = "hf", system: str | None = None,
+             reply_start: str | list[str] | None = None) -> list[Completion]:
     """Complete every prompt; returns one :class:`Completion` per prompt, in input order.
 
     ``model`` is a :class:`LoadedModel` (or anything ``load_or_use`` accepts). ``cache``:
     True stores completions under ``cache_dir()/generations``, a path stores them there,
     False turns caching off. Duplicate prompts are generated once. Sampling
     (``do_sample=True``) gives each prompt its own random stream seeded from ``seed`` and
-    the prompt, so results do not depend on batch size or order.
+    the prompt, so results do not depend on batch size or order. ``reply_start`` (one string,
+    or one per prompt) begins the reply: the model continues it, and the completion's text is
+    the continuation only.
     """
     lm: LoadedModel = load_or_use(model)
     s = settings or GenerationSettings()
@@ -605,6 +608,11 @@ def generate(model, prompts: list[str], settings: GenerationSettings | None = No
     stop_ids = stop_token_ids(lm.model, tok)
 
     rendered = [render(tok, p, template, system=system) for p in prompts]
+    if reply_start is not None:
+        fills = [reply_start] * len(prompts) if isinstance(reply_start, str) else list(reply_start)
+        if len(fills) != len(prompts):
+            raise SafetyLayersError(f"reply_start needs one string per prompt, got {len(fills)} for {len(prompts)}")
+        rendered = [Rendered(r.text + f, r.add_special_tokens) for r, f in zip(rendered, fills)]
     ids = [tok(r.text, add_special_tokens=r.add_special_tokens)["input_ids"] for r in rendered]
     keys = [_hash(CACHE_VERSION, template, r.text, i) for r, i in zip(rendered, ids)]
 
