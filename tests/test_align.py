@@ -216,6 +216,39 @@ def test_training_changes_weights_and_lowers_loss(method, lr, drop):
         assert not any("embed" in k for k in changed)
 
 
+@pytest.mark.parametrize("method,lr", [("full", 3e-3), ("lora", 3e-2)])
+def test_frozen_layers_stay_fixed_while_the_rest_trains(method, lr):
+    lm = tiny_model()
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    al.train_sft(lm, _examples(), al.SFTSettings(method=method, lr=lr, epochs=1, batch_size=4, lora_r=2,
+                                                 frozen_layers="0-0"), progress=False)
+    changed = {k for k, v in lm.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert not any(".layers.0." in k for k in changed)
+    assert any(".layers.1.self_attn" in k for k in changed)
+    assert all(p.requires_grad for p in lm.model.parameters())  # handed back trainable
+    with pytest.raises(SafetyLayersError, match="out of range"):
+        al.train_sft(tiny_model(), _examples(), al.SFTSettings(frozen_layers="1-9"), progress=False)
+
+
+def test_refused_benign_prompts_are_answered_again_with_a_helpful_opening(monkeypatch):
+    from safety_layers import refusal
+    from safety_layers.refusal import Verdict
+
+    class Picky:  # refuses every reply without a helpful opening, and every reply to "stubborn"
+        def judge(self, prompts, texts):
+            return [Verdict(refused="stubborn" in p or not t.startswith(al.REOPENERS)) for p, t in zip(prompts, texts)]
+
+    monkeypatch.setattr(refusal, "get_judge", lambda name: Picky())
+    lm = tiny_model()
+    prompts = ["Name a fruit.", "A stubborn question?", "Name a tree."]
+    out, dropped, reopened = al.self_distill(lm, prompts, 5, progress=False)
+    assert (dropped, reopened) == (1, 2) and out[1] is None
+    assert out[0].response.startswith(al.REOPENERS[0]) and out[2].response.startswith(al.REOPENERS[2])  # one opening each, in turn
+    assert len(out[0].response) > len(al.REOPENERS[0])  # the model's continuation follows the opening
+    out, dropped, reopened = al.self_distill(lm, prompts, 5, progress=False, reopen=False)
+    assert (dropped, reopened) == (3, 0) and out == [None, None, None]
+
+
 def test_training_is_reproducible_with_the_seed():
     def run(seed):
         lm = tiny_model()

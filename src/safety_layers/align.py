@@ -11,8 +11,10 @@ layers to find. :func:`align` teaches a model to refuse with data we wrote:
   refuses. The opener is context only (no loss), so the model learns to return to a refusal
   after a compliant start, never to produce one;
 - benign prompts paired with the base model's own greedy answers (self-distillation, so the
-  model keeps its abilities and its voice). Answers the keyword judge reads as refusals are
-  dropped, so the base model's own over-refusals are not taught;
+  model keeps its abilities and its voice). A prompt whose answer the keyword judge reads as
+  a refusal is answered again with the reply opened helpfully (``reopen``), and dropped only
+  if that too is refused: the base model's own over-refusals are never taught, and the
+  benign prompts nearest the boundary, which it balks at, are not lost;
 - held-out prompts that training never sees, on which the refusal rates are measured.
 
 The loss covers the response tokens only, optionally weighted per kind (``benign_weight``)
@@ -45,6 +47,7 @@ import torch
 
 from .errors import SafetyLayersError
 from .generation import cache_kwargs, output_cache
+from .layers import LayerRange
 from .models import LoadedModel, cache_dir, find_blocks, load_or_use
 from .prompts import render, resolve_template
 
@@ -75,6 +78,10 @@ COMPLIANT_OPENERS = (
     "No problem. To do this,", "Great question! The first thing",
 )
 
+#: Reply openings for benign prompts the base model refuses (see :func:`self_distill`).
+#: Neutral on purpose: none resembles the implicit attack's "Sure, the answer is:".
+REOPENERS = ("Here's what I can tell you:", "Good question!", "Happy to help.", "Here's a short answer:")
+
 Method = Literal["full", "lora"]
 
 
@@ -98,6 +105,9 @@ class AlignConfig:
     n_benign: int | None = field(default=None, metadata={"help": "use a seeded sample of this many benign training prompts"})
     borderline: bool = field(default=True, metadata={"help": "train on benign prompts of category 'borderline' (safe but alarming-sounding)"})
     recovery_fraction: float = field(default=0.0, metadata={"help": "share of malicious prompts also trained as compliant opener + refusal"})
+    reopen: bool = field(default=True, metadata={
+        "help": "answer a benign prompt the base model refuses again, the reply started by a helpful opening, "
+                "instead of dropping it"})
     answer_tokens: int = field(default=56, metadata={"help": "length of the self-distilled benign answers (greedy new tokens)"})
     template: str = field(default="chat", metadata={"help": "prompt template (chat falls back to plain without a chat template)"})
     method: Method = field(default="full", metadata={"help": "full fine-tuning or LoRA (merged into the weights when saved)"})
@@ -113,6 +123,8 @@ class AlignConfig:
         "help": "loss weight of each reply's first opening_tokens tokens, where a reply turns into a refusal or "
                 "an answer (1: plain mean)"})
     opening_tokens: int = field(default=4, metadata={"help": "reply tokens that opening_weight covers"})
+    frozen_layers: str | None = field(default=None, metadata={
+        "help": "decoder blocks left untouched while aligning, 0-based inclusive, e.g. 0-14 (None: train all)"})
     prefix_cache: bool = field(default=True, metadata={
         "help": "compute the prompt prefix every example shares (the chat template's system turn) once per "
                 "step, without gradient through it: same loss, about a third fewer tokens on SmolLM2"})
@@ -139,6 +151,8 @@ class AlignConfig:
                 raise SafetyLayersError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.recovery_fraction <= 1:
             raise SafetyLayersError(f"recovery_fraction must be in [0, 1], got {self.recovery_fraction}")
+        if self.frozen_layers is not None:
+            LayerRange.parse(self.frozen_layers)  # a malformed range fails now, not after distilling
         for name in ("n_malicious", "n_benign"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SafetyLayersError(f"{name} must be >= 1 or None (all), got {getattr(self, name)}")
@@ -148,7 +162,8 @@ class AlignConfig:
                            max_length=self.max_length, warmup=self.warmup, weight_decay=self.weight_decay,
                            lora_r=self.lora_r, lora_alpha=self.lora_alpha, seed=self.seed,
                            prefix_cache=self.prefix_cache, kind_weights={"benign": self.benign_weight},
-                           opening_tokens=self.opening_tokens, opening_weight=self.opening_weight)
+                           opening_tokens=self.opening_tokens, opening_weight=self.opening_weight,
+                           frozen_layers=self.frozen_layers)
 
 
 @dataclass
@@ -167,6 +182,7 @@ class SFTSettings:
     kind_weights: dict = field(default_factory=dict)   # loss weight per Example.kind, e.g. {"benign": 2.0}
     opening_tokens: int = 4       # how many first reply tokens opening_weight covers
     opening_weight: float = 1.0   # loss weight of those tokens, where refuse-or-answer is decided
+    frozen_layers: str | None = None   # blocks (0-based inclusive range) whose parameters stay fixed
     lora_r: int = 16
     lora_alpha: int = 32
     seed: int = 0
@@ -350,8 +366,8 @@ def build_data(cfg: AlignConfig, lm: LoadedModel, min_train: int = 8, min_heldou
                                         "refusal: pass a larger held-out file or evaluate=False")
 
     train = refusal_examples(mal_rows, refusals, rng, cfg.recovery_fraction)
-    benign, dropped = self_distill(lm, [r["prompt"] for r in ben_rows], cfg.answer_tokens, cfg.template,
-                                   cfg.progress)
+    benign, dropped, reopened = self_distill(lm, [r["prompt"] for r in ben_rows], cfg.answer_tokens,
+                                             cfg.template, cfg.progress, cfg.reopen)
     for row, ex in zip(ben_rows, benign):
         if ex is not None:
             ex.category = row.get("category", "")
@@ -359,7 +375,8 @@ def build_data(cfg: AlignConfig, lm: LoadedModel, min_train: int = 8, min_heldou
     counts = {"malicious_train": len(mal_rows), "refusal_examples": sum(e.kind == "refusal" for e in train),
               "recovery_examples": sum(e.kind == "recovery" for e in train),
               "benign_train": len(ben_rows), "benign_examples": sum(e.kind == "benign" for e in train),
-              "benign_dropped_refused": dropped, "borderline_available": n_borderline,
+              "benign_dropped_refused": dropped,
+              "benign_reopened": reopened, "borderline_available": n_borderline,
               "borderline_used": sum(e.kind == "benign" and e.category == "borderline" for e in train),
               "refusal_texts": len({e.response for e in train if e.kind != "benign"}),
               "removed_as_heldout": leaked, "heldout_malicious": len(held_mal), "heldout_benign": len(held_ben),
@@ -368,18 +385,35 @@ def build_data(cfg: AlignConfig, lm: LoadedModel, min_train: int = 8, min_heldou
 
 
 def self_distill(lm: LoadedModel, prompts: list[str], tokens: int, template: str = "chat",
-                 progress: bool = True) -> tuple[list[Example | None], int]:
-    """The model's own greedy answers as benign examples; refusals (keyword judge) become None."""
+                 progress: bool = True, reopen: bool = True) -> tuple[list[Example | None], int, int]:
+    """The model's own greedy answers as benign examples.
+
+    A prompt the model refuses (keyword judge) is, with ``reopen``, answered again with the
+    reply started by a helpful opening (:data:`REOPENERS`), since the benign prompts a base
+    model balks at are the ones nearest the refusal boundary and the most informative to
+    train on. Still refused: None. Returns (examples, dropped, reopened).
+    """
     from .generation import GenerationSettings, generate
     from .refusal import get_judge
 
-    comps = generate(lm, prompts, GenerationSettings(max_new_tokens=tokens), template=template,
-                     progress=progress)
-    verdicts = get_judge("keyword").judge(prompts, [c.text for c in comps])
-    out: list[Example | None] = []
-    for p, c, v in zip(prompts, comps, verdicts):
-        out.append(None if v.refused else Example(p, c.text.strip(), "benign", finished=c.finished))
-    return out, sum(v.refused for v in verdicts)
+    judge = get_judge("keyword")
+    settings = GenerationSettings(max_new_tokens=tokens)
+    comps = generate(lm, prompts, settings, template=template, progress=progress)
+    verdicts = judge.judge(prompts, [c.text for c in comps])
+    out: list[Example | None] = [None if v.refused else Example(p, c.text.strip(), "benign", finished=c.finished)
+                                 for p, c, v in zip(prompts, comps, verdicts)]
+    again = [i for i, e in enumerate(out) if e is None]
+    reopened = 0
+    if reopen and again:
+        opens = [REOPENERS[k % len(REOPENERS)] for k in range(len(again))]
+        retry = generate(lm, [prompts[i] for i in again], settings, template=template, progress=False,
+                         reply_start=opens)
+        replies = [o + c.text for o, c in zip(opens, retry)]
+        for i, reply, c, v in zip(again, replies, retry, judge.judge([prompts[i] for i in again], replies)):
+            if not v.refused:
+                out[i] = Example(prompts[i], reply.strip(), "benign", finished=c.finished)
+                reopened += 1
+    return out, sum(e is None for e in out), reopened
 
 
 # --------------------------------------------------------------------------- tokenisation
@@ -556,6 +590,13 @@ def train_sft(lm: LoadedModel, examples: list[Example], settings: SFTSettings | 
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0,
                                                  target_modules=_lora_targets(lm.blocks)))
+    if s.frozen_layers is not None:
+        band = LayerRange.parse(s.frozen_layers)
+        if band.end >= len(lm.blocks.layers):
+            raise SafetyLayersError(f"frozen_layers {band} is out of range: the model has "
+                                    f"{len(lm.blocks.layers)} blocks (0-{len(lm.blocks.layers) - 1})")
+        for i in band.indices:
+            lm.blocks.layers[i].requires_grad_(False)   # with LoRA: its adapters there too
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
     n_total = sum(p.numel() for p in lm.model.parameters())
@@ -735,23 +776,24 @@ def read_manifest(folder: str | Path) -> dict | None:
 # --------------------------------------------------------------------------- the demo model
 
 #: Bumped whenever :func:`demo_config` changes, so a cached demo model of an older recipe is rebuilt.
-DEMO_VERSION = 4
+DEMO_VERSION = 5
 
 
 def demo_config(out: str | Path | None = None) -> AlignConfig:
     """The recipe of the aligned demo model (see the module docstring and bench/bench_align.py).
 
     Chosen on the held-out splits and on robustness to the implicit attack: 300 refusals +
-    99 recovery examples against 600 self-distilled answers (3:2 benign), one epoch at lr
-    1e-4, the first 4 reply tokens weighted 4x (v4). Against the same recipe without the
-    opening weight (v3) it refused 3.6-4.5 points fewer held-out benign prompts and 0.9-3.7
-    more malicious ones in each of three seeds, and kept 64% instead of 28% held-out refusal
-    after the implicit attack at lr 2e-5. Recipes with equal shares refused more held-out
-    malicious prompts (94%) but a quarter of the held-out benign ones.
+    99 recovery examples against 600 self-distilled answers (benign prompts the base model
+    refuses answered again with a helpful opening), two epochs at lr 1e-4, the first 4 reply
+    tokens weighted 4x. v4 trained one epoch and still refused only 93% of its own malicious
+    training prompts; with two, held-out malicious refusal rose from 84% to 89% (seed 0),
+    held-out benign refusal went from 7% to 9%, and 81% instead of 64% held-out refusal
+    survived the implicit attack at lr 2e-5. Without the recovery examples two epochs kept
+    only 50-52%.
     """
     return AlignConfig(model="smollm2-135m-instruct", out=str(out or demo_folder()), overwrite=True,
                        method="full", n_malicious=300, recovery_fraction=0.33, n_benign=600, answer_tokens=32,
-                       epochs=1.0, lr=1e-4, opening_weight=4.0, seed=0)
+                       epochs=2.0, lr=1e-4, opening_weight=4.0, reopen=True, seed=0)
 
 
 def demo_folder() -> Path:
