@@ -226,7 +226,7 @@ def test_frozen_layers_stay_fixed_while_the_rest_trains(method, lr):
     assert not any(".layers.0." in k for k in changed)
     assert any(".layers.1.self_attn" in k for k in changed)
     assert all(p.requires_grad for p in lm.model.parameters())  # handed back trainable
-    with pytest.raises(SafetyLayersError, match="out of range"):
+    with pytest.raises(SafetyLayersError, match="1-9 is outside the model"):
         al.train_sft(tiny_model(), _examples(), al.SFTSettings(frozen_layers="1-9"), progress=False)
 
 

@@ -591,11 +591,7 @@ def train_sft(lm: LoadedModel, examples: list[Example], settings: SFTSettings | 
         model = get_peft_model(model, LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.0,
                                                  target_modules=_lora_targets(lm.blocks)))
     if s.frozen_layers is not None:
-        band = LayerRange.parse(s.frozen_layers)
-        if band.end >= len(lm.blocks.layers):
-            raise SafetyLayersError(f"frozen_layers {band} is out of range: the model has "
-                                    f"{len(lm.blocks.layers)} blocks (0-{len(lm.blocks.layers) - 1})")
-        for i in band.indices:
+        for i in LayerRange.parse(s.frozen_layers).check(len(lm.blocks.layers)).indices:
             lm.blocks.layers[i].requires_grad_(False)   # with LoRA: its adapters there too
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
@@ -732,6 +728,8 @@ def align(cfg: AlignConfig | None = None, *, model=None, manifest: dict | None =
     if out.exists() and not cfg.overwrite:
         raise SafetyLayersError(f"{out} exists: choose another output folder or pass --overwrite")
     lm = load_or_use(model if model is not None else cfg.model)
+    if cfg.frozen_layers is not None:  # before minutes of distilling, not after
+        LayerRange.parse(cfg.frozen_layers).check(len(lm.blocks.layers))
     notes = []
     template = resolve_template(lm.tokenizer, cfg.template)
     if template != cfg.template:
