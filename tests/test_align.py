@@ -453,3 +453,49 @@ def test_opening_weight_weights_each_replys_first_tokens(arch):
                / sum(enc[i].weight for i, r in enumerate(keep.tolist()) for x in r if x)) > 1e-4
     with pytest.raises(SafetyLayersError, match="opening_weight"):
         al.AlignConfig(opening_weight=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_unlikelihood_rows_add_minus_log_one_minus_their_openings_probability(arch):
+    """A negative row adds w * -log(1 - P(opening | prompt)); the response rows' mean is unchanged."""
+    ben = al.Example("Tell me: bake bread?", "Mix flour and water, then bake it.", "benign", avoid="I")
+    mal = al.Example("Tell me: pick a lock", "I can't help with that one.", "refusal", avoid="Su")
+    lm, pad, enc = _two_rows(arch, 8, ben, mal)
+    negs = [al.avoid_row(lm.tokenizer, ex, "plain", 256) for ex in (ben, mal)]
+    assert all(n.negative for n in negs)
+    assert al.avoid_row(lm.tokenizer, al.Example("q", "a", "benign"), "plain", 256) is None
+    with torch.no_grad():
+        plain = al.response_loss(lm.model, al._collate(enc, pad))
+        logps = []
+        for n in negs:   # log P(opening | prompt) by teacher forcing, one row at a time
+            b = al._collate([n], pad)
+            logits = lm.model(input_ids=b["input_ids"]).logits[0, :-1]
+            lab = b["labels"][0, 1:]
+            logps.append(-torch.nn.functional.cross_entropy(logits[lab != -100].float(), lab[lab != -100],
+                                                            reduction="sum"))
+        term = torch.stack([-torch.log1p(-lp.double().exp()).float() for lp in logps]).mean()
+        w = 1.0 / float(term)   # a random model gives an opening a tiny P: scale the term to about 1
+        expect = plain + w * term
+        batch = al._collate(enc + negs, pad)
+        ours = al.response_loss(lm.model, batch, unlikelihood_weight=w)
+        n = len(al.shared_prefix(enc + negs))
+        with_prefix = (al.response_loss(lm.model, batch, torch.tensor(enc[0].input_ids[:n]), w) if n else ours)
+    assert batch["negative"].tolist() == [False, False, True, True]
+    assert torch.allclose(ours, expect, rtol=1e-5)
+    assert torch.allclose(with_prefix, expect, rtol=1e-4)
+    assert abs(float(ours - plain) - 1.0) < 1e-3
+    with pytest.raises(SafetyLayersError, match="unlikelihood_weight"):
+        al.AlignConfig(unlikelihood_weight=-1)
+
+
+def test_avoid_openings_come_from_the_other_kind():
+    """Benign examples avoid a refusal opening being trained; refusals avoid a compliant opening."""
+    ex = [al.Example("p1", "I won't help with that, sorry.", "refusal"),
+          al.Example("p2", "Sorry, I can't do that.", "refusal"),
+          al.Example("p3", "I can't help.", "recovery", prefix="Sure, here's how"),
+          al.Example("p4", "Bread needs flour.", "benign")]
+    al.assign_avoid(ex, random.Random(0))
+    assert ex[0].avoid in {al.opening_words(o) for o in al.COMPLIANT_OPENERS}
+    assert ex[2].avoid == ""
+    assert ex[3].avoid in {"I won't", "Sorry, I"}
+    assert al.opening_words("I'm sorry, but no.") == "I'm sorry"

@@ -19,7 +19,9 @@ layers to find. :func:`align` teaches a model to refuse with data we wrote:
 
 The loss covers the response tokens only, optionally weighted per kind (``benign_weight``)
 and on each reply's first tokens (``opening_weight``), where a greedy reply is decided to
-be a refusal or an answer.
+be a refusal or an answer. ``unlikelihood_weight`` adds, per training prompt, the
+unlikelihood (Welleck et al. 2019) of an opening of the other kind: -log(1 - P(opening))
+for a refusal's opening after a benign prompt and a compliant one after a malicious prompt.
 The prompt prefix every example shares (the chat template's system turn, a third of a short
 SmolLM2 example) is run once per step without gradient and its keys and values reused by the
 batch (``prefix_cache``): the loss is unchanged, the gradient drops only the paths through
@@ -123,6 +125,10 @@ class AlignConfig:
         "help": "loss weight of each reply's first opening_tokens tokens, where a reply turns into a refusal or "
                 "an answer (1: plain mean)"})
     opening_tokens: int = field(default=4, metadata={"help": "reply tokens that opening_weight covers"})
+    unlikelihood_weight: float = field(default=0.0, metadata={
+        "help": "weight of the unlikelihood term: each training prompt also gets an opening of the other kind "
+                "(a refusal's for benign prompts, a compliant one for malicious prompts) whose probability is "
+                "pushed down, -log(1 - P(opening)) (0: off)"})
     frozen_layers: str | None = field(default=None, metadata={
         "help": "decoder blocks left untouched while aligning, 0-based inclusive, e.g. 0-14 (None: train all)"})
     prefix_cache: bool = field(default=True, metadata={
@@ -141,6 +147,8 @@ class AlignConfig:
         for name in ("lr", "epochs", "benign_weight", "opening_weight"):
             if not getattr(self, name) > 0:
                 raise SafetyLayersError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.unlikelihood_weight >= 0:
+            raise SafetyLayersError(f"unlikelihood_weight must be >= 0, got {self.unlikelihood_weight}")
         for name in ("batch_size", "answer_tokens", "eval_tokens", "lora_r", "lora_alpha", "opening_tokens"):
             if getattr(self, name) < 1:
                 raise SafetyLayersError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -163,7 +171,7 @@ class AlignConfig:
                            lora_r=self.lora_r, lora_alpha=self.lora_alpha, seed=self.seed,
                            prefix_cache=self.prefix_cache, kind_weights={"benign": self.benign_weight},
                            opening_tokens=self.opening_tokens, opening_weight=self.opening_weight,
-                           frozen_layers=self.frozen_layers)
+                           unlikelihood_weight=self.unlikelihood_weight, frozen_layers=self.frozen_layers)
 
 
 @dataclass
@@ -182,6 +190,7 @@ class SFTSettings:
     kind_weights: dict = field(default_factory=dict)   # loss weight per Example.kind, e.g. {"benign": 2.0}
     opening_tokens: int = 4       # how many first reply tokens opening_weight covers
     opening_weight: float = 1.0   # loss weight of those tokens, where refuse-or-answer is decided
+    unlikelihood_weight: float = 0.0   # weight of -log(1 - P(Example.avoid)) against the response loss
     frozen_layers: str | None = None   # blocks (0-based inclusive range) whose parameters stay fixed
     lora_r: int = 16
     lora_alpha: int = 32
@@ -198,6 +207,7 @@ class Example:
     category: str = ""
     prefix: str = ""
     finished: bool = True         # False: the response was cut off, so no end-of-turn token is taught
+    avoid: str = ""               # an opening made unlikely after the prompt (SFTSettings.unlikelihood_weight)
 
 
 @dataclass
@@ -304,6 +314,23 @@ def refusal_examples(records: list[dict], refusals: list[dict], rng: random.Rand
     return out
 
 
+def opening_words(text: str, n: int = 2) -> str:
+    """The first ``n`` words of ``text``, trailing punctuation dropped ("I'm sorry, but" -> "I'm sorry")."""
+    return " ".join(text.split()[:n]).rstrip(",.:;!?")
+
+
+def assign_avoid(examples: list[Example], rng: random.Random) -> None:
+    """Give each benign example a refusal opening to avoid, drawn from the refusals being
+    trained (so as often as the model learns each one), and each refusal example a compliant
+    opening (:data:`COMPLIANT_OPENERS`). Recovery examples, which start compliant, get none."""
+    refusal_openings = [opening_words(e.response) for e in examples if e.kind == "refusal"]
+    for e in examples:
+        if e.kind == "benign" and refusal_openings:
+            e.avoid = rng.choice(refusal_openings)
+        elif e.kind == "refusal":
+            e.avoid = opening_words(rng.choice(COMPLIANT_OPENERS))
+
+
 def _split(rows: list[dict], fraction: float, rng: random.Random) -> tuple[list[dict], list[dict]]:
     idx = list(range(len(rows)))
     rng.shuffle(idx)
@@ -372,6 +399,7 @@ def build_data(cfg: AlignConfig, lm: LoadedModel, min_train: int = 8, min_heldou
         if ex is not None:
             ex.category = row.get("category", "")
             train.append(ex)
+    assign_avoid(train, random.Random(f"{cfg.seed}-avoid"))
     counts = {"malicious_train": len(mal_rows), "refusal_examples": sum(e.kind == "refusal" for e in train),
               "recovery_examples": sum(e.kind == "recovery" for e in train),
               "benign_train": len(ben_rows), "benign_examples": sum(e.kind == "benign" for e in train),
@@ -423,6 +451,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]             # -100 where no loss (prompt, prefix)
     weight: float = 1.0           # loss weight of each of its response tokens
+    negative: bool = False        # the labels are an opening to make unlikely, not a reply to learn
 
 
 def encode_example(tokenizer, ex: Example, template: str, max_length: int) -> Encoded | None:
@@ -449,6 +478,16 @@ def encode_example(tokenizer, ex: Example, template: str, max_length: int) -> En
     return Encoded(context + resp_ids, [-100] * len(context) + resp_ids)
 
 
+def avoid_row(tokenizer, ex: Example, template: str, max_length: int) -> Encoded | None:
+    """The prompt followed by ``ex.avoid`` as a negative row (None without one, or if it does not fit)."""
+    if not ex.avoid:
+        return None
+    e = encode_example(tokenizer, Example(ex.prompt, ex.avoid, ex.kind, finished=False), template, max_length)
+    if e is not None:
+        e.negative = True
+    return e
+
+
 def _collate(batch: list[Encoded], pad_id: int, opening: tuple[int, float] = (0, 1.0)) -> dict[str, torch.Tensor]:
     """Right-padded tensors, plus per-token loss ``weights`` [batch, width] when any row is
     weighted or ``opening = (k, w)`` weighs each reply's first k labels by w."""
@@ -462,6 +501,8 @@ def _collate(batch: list[Encoded], pad_id: int, opening: tuple[int, float] = (0,
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(e.negative for e in batch):
+        out["negative"] = torch.tensor([e.negative for e in batch])
     k, w = opening
     opening_on = k > 0 and w != 1.0
     if opening_on or any(e.weight != 1.0 for e in batch):
@@ -493,8 +534,12 @@ def _lora_targets(blocks) -> list[str]:
     return sorted({p.split(".")[-1] for p in blocks.spec.components.values()})
 
 
-def response_loss(model, batch: dict[str, torch.Tensor], prefix: torch.Tensor | None = None) -> torch.Tensor:
+def response_loss(model, batch: dict[str, torch.Tensor], prefix: torch.Tensor | None = None,
+                  unlikelihood_weight: float = 1.0) -> torch.Tensor:
     """Mean cross-entropy over the labelled (response) tokens, as ``model(**batch).loss``.
+
+    Rows flagged ``negative`` carry an opening to avoid instead: each adds
+    ``unlikelihood_weight`` x -log(1 - P(opening | prompt)), averaged over those rows.
 
     The LM head runs only where a label is: on a small model with a large vocabulary
     (SmolLM2: 576 -> 49,152) the head over every position is a fifth of a training step, and
@@ -509,12 +554,14 @@ def response_loss(model, batch: dict[str, torch.Tensor], prefix: torch.Tensor | 
     head = base.get_output_embeddings()
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     weights = batch.get("weights")
+    negative = batch.get("negative")
     if head is None or getattr(base.config, "final_logit_softcapping", None):
-        if weights is None:
+        if weights is None and negative is None:
             return model(input_ids=ids, attention_mask=mask, labels=labels).loss
         keep = labels[:, 1:] != -100
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]
-        return _token_ce(logits, labels[:, 1:][keep], weights[:, 1:][keep])
+        return _loss_of_kept(logits, labels[:, 1:], keep, None if weights is None else weights[:, 1:][keep],
+                             negative, unlikelihood_weight)
     kwargs = {}
     if prefix is not None and len(prefix):
         n = len(prefix)
@@ -529,7 +576,26 @@ def response_loss(model, batch: dict[str, torch.Tensor], prefix: torch.Tensor | 
     labels = labels[:, 1:]
     keep = labels != -100
     logits = head(hidden[:, :-1][keep])
-    return _token_ce(logits, labels[keep], None if weights is None else weights[:, 1:][keep])
+    return _loss_of_kept(logits, labels, keep, None if weights is None else weights[:, 1:][keep],
+                         negative, unlikelihood_weight)
+
+
+def _loss_of_kept(logits, labels, keep, weights, negative, unlikelihood_weight: float) -> torch.Tensor:
+    """Response loss of the kept tokens, plus the unlikelihood of the negative rows' openings."""
+    if negative is None or not negative.any():
+        return _token_ce(logits, labels[keep], weights)
+    rows = keep.nonzero()[:, 0]
+    neg = negative.to(rows.device)[rows]
+    ce = torch.nn.functional.cross_entropy(logits.float(), labels[keep], reduction="none")
+    w = torch.ones_like(ce) if weights is None else weights.to(ce.device).float()
+    loss = (ce[~neg] * w[~neg]).sum() / w[~neg].sum() if (~neg).any() else ce.sum() * 0
+    logp = -torch.zeros(len(negative), device=ce.device).index_add(0, rows[neg], ce[neg])[negative]
+    return loss + unlikelihood_weight * -_log1mexp(logp.clamp(max=-1e-4)).mean()
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate both near 0 and far below it (Maechler 2012)."""
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def _token_ce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -578,7 +644,12 @@ def train_sft(lm: LoadedModel, examples: list[Example], settings: SFTSettings | 
     for e, ex in zip(encoded, examples):
         if e is not None:
             e.weight = float(s.kind_weights.get(ex.kind, 1.0))
+    negatives = [None] * len(examples)
+    if s.unlikelihood_weight > 0:
+        negatives = [avoid_row(tok, ex, template, s.max_length) if e is not None else None
+                     for e, ex in zip(encoded, examples)]
     dropped = sum(e is None for e in encoded)
+    negatives = [n for n, e in zip(negatives, encoded) if e is not None]
     encoded = [e for e in encoded if e is not None]
     if not encoded:
         raise SafetyLayersError(f"no example fits in max_length={s.max_length} tokens: raise max_length")
@@ -618,8 +689,9 @@ def train_sft(lm: LoadedModel, examples: list[Example], settings: SFTSettings | 
     bar = tqdm(plan, desc=f"align ({s.method})", unit="step", disable=not progress, leave=False)
     try:
         for k, idx in enumerate(bar):
-            batch = _collate([encoded[i] for i in idx], pad_id, (s.opening_tokens, s.opening_weight))
-            loss = response_loss(model, batch, prefix)
+            rows = [encoded[i] for i in idx] + [negatives[i] for i in idx if negatives[i] is not None]
+            batch = _collate(rows, pad_id, (s.opening_tokens, s.opening_weight))
+            loss = response_loss(model, batch, prefix, s.unlikelihood_weight)
             loss.backward()
             if s.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
