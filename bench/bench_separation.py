@@ -78,16 +78,23 @@ def probe_scores(lm, train_mal, train_ben, held_mal, held_ben, l2: float = 1e-2)
 
 @torch.no_grad()
 def behaviour_scores(lm, prompts: list[str], openings: list[tuple[int, ...]]) -> np.ndarray:
+    """log P(the reply opens with one of ``openings``) per prompt: the prompt runs once, the
+    openings (all the same length) continue from its cache as one batch."""
+    from safety_layers.generation import cache_kwargs, output_cache
     from safety_layers.prompts import render
 
     tok = lm.tokenizer
+    ops = torch.tensor(openings)
     scores = []
     for p in prompts:
         r = render(tok, p, "chat")
-        ids = tok(r.text, add_special_tokens=r.add_special_tokens)["input_ids"]
-        seqs = torch.tensor([ids + list(o) for o in openings])
-        logp = torch.log_softmax(lm.model(seqs).logits[:, len(ids) - 1:-1].float(), -1)
-        per_opening = logp.gather(-1, seqs[:, len(ids):, None])[..., 0].sum(-1)
+        ids = torch.tensor([tok(r.text, add_special_tokens=r.add_special_tokens)["input_ids"]])
+        out = lm.model(ids, use_cache=True)
+        cache = output_cache(out)
+        cache.batch_repeat_interleave(len(openings))
+        first = torch.log_softmax(out.logits[0, -1].float(), -1)[ops[:, 0]]
+        rest = torch.log_softmax(lm.model(ops[:, :-1], **cache_kwargs(cache)).logits.float(), -1)
+        per_opening = first + rest.gather(-1, ops[:, 1:, None])[..., 0].sum(-1)
         scores.append(torch.logsumexp(per_opening, 0).item())
     return np.array(scores)
 
@@ -95,7 +102,10 @@ def behaviour_scores(lm, prompts: list[str], openings: list[tuple[int, ...]]) ->
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="demo")
-    ap.add_argument("--no-behaviour", action="store_true", help="skip the refusal-opening score (~3 min)")
+    ap.add_argument("--no-behaviour", action="store_true", help="skip the refusal-opening score (~1 min)")
+    ap.add_argument("--no-probe", action="store_true", help="skip the per-layer probes (~1 min)")
+    ap.add_argument("--refusals", help="refusals JSONL whose openings the behaviour score uses "
+                                       "(default: the bundled ones, which the demo model was trained on)")
     ap.add_argument("--json", help="write the scores here")
     args = ap.parse_args(argv)
 
@@ -107,15 +117,18 @@ def main(argv=None) -> int:
     held_mal, held_ben = heldout_prompts()
     train_mal = [r["prompt"] for r in load_records(_bundled("malicious"), ("prompt",))]
     train_ben = [r["prompt"] for r in load_records(_bundled("benign"), ("prompt",))]
-    report = {"model": args.model, "probe": probe_scores(lm, train_mal, train_ben, held_mal, held_ben)}
-    best = max(report["probe"], key=lambda r: r["auc"])
-    print(f"probe ({len(train_mal)} + {len(train_ben)} training prompts -> {len(held_mal)} + {len(held_ben)} held out)")
-    for r in report["probe"]:
-        print(f"  layer {r['layer']:2d}  AUC {r['auc']:.3f}  caught at 5% benign {r['caught_at_5pct']:.1%}  "
-              f"own threshold {r['malicious_above_0']:.1%} / {r['benign_above_0']:.1%}")
-    print(f"  best layer {best['layer']}: AUC {best['auc']:.3f}")
+    report = {"model": args.model}
+    if not args.no_probe:
+        report["probe"] = probe_scores(lm, train_mal, train_ben, held_mal, held_ben)
+        best = max(report["probe"], key=lambda r: r["auc"])
+        print(f"probe ({len(train_mal)} + {len(train_ben)} training prompts -> {len(held_mal)} + {len(held_ben)} held out)")
+        for r in report["probe"]:
+            print(f"  layer {r['layer']:2d}  AUC {r['auc']:.3f}  caught at 5% benign {r['caught_at_5pct']:.1%}  "
+                  f"own threshold {r['malicious_above_0']:.1%} / {r['benign_above_0']:.1%}")
+        print(f"  best layer {best['layer']}: AUC {best['auc']:.3f}")
     if not args.no_behaviour:
-        texts = {r["text"].replace("{topic}", "x") for r in load_records(_bundled("refusals"), ("text", "categories"))}
+        texts = {r["text"].replace("{topic}", "x")
+                 for r in load_records(args.refusals or _bundled("refusals"), ("text", "categories"))}
         openings = sorted({tuple(lm.tokenizer(t, add_special_tokens=False)["input_ids"][:3]) for t in texts})
         sm = behaviour_scores(lm, held_mal, openings)
         sb = behaviour_scores(lm, held_ben, openings)
