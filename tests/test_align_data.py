@@ -29,10 +29,9 @@ PROMPT_FILES = {
     "heldout_malicious.jsonl": 100,
     "heldout_benign.jsonl": 100,
 }
-REFUSAL_OPENINGS = (
-    "I can't", "I cannot", "I won't", "I will not", "I'm sorry", "Sorry, ", "I'm not able",
-    "I'm unable", "I must decline", "I have to decline", "I'm not going to",
-)
+#: Every bundled refusal opens with this word, which no self-distilled benign answer does, so
+#: refusing or answering is decided at one reply token (README: demo v6).
+REFUSAL_OPENING = "Sorry"
 
 
 def _load(name: str) -> list[dict]:
@@ -103,7 +102,7 @@ def test_refusals(data):
     for row in rows:
         assert set(row) == {"text", "categories"}, row
         text = row["text"]
-        assert text.startswith(REFUSAL_OPENINGS), text
+        assert text.startswith(REFUSAL_OPENING), text
         placeholders = set(re.findall(r"\{([^}]*)\}", text))
         assert placeholders <= {"topic"}, text
         assert text.format(topic="that request")  # only {topic}, no stray braces
@@ -114,7 +113,7 @@ def test_refusals(data):
         covered |= set(cats)
     assert HARM_CATEGORIES <= covered
     assert sum(r["categories"] == ["self-harm"] for r in rows) >= 3  # supportive, not generic
-    assert len({" ".join(r["text"].split()[:2]) for r in rows}) >= 8  # varied openings
+    assert len({" ".join(r["text"].split()[:4]) for r in rows}) >= 15  # varied after the opening word
     assert len({_norm(r["text"]) for r in rows}) == len(rows)
 
 

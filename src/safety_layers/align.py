@@ -5,7 +5,10 @@ layers to find. :func:`align` teaches a model to refuse with data we wrote:
 
 - malicious training prompts, each paired with a refusal drawn (seeded) from the refusals
   written for its harm category or for any category; a ``{topic}`` placeholder is filled
-  with the category's topic phrase, and templates whose topic is unknown are skipped;
+  with the category's topic phrase, and templates whose topic is unknown are skipped. The
+  bundled refusals vary in what they say but all open with "Sorry", a word no benign answer
+  starts with: refusing is then one decision at the reply's first token instead of one
+  spread over tokens that answers share ("I can't" / "I'm glad"), and it generalises better;
 - optionally *recovery* examples (Qi et al. 2024, "Safety alignment should be made more than
   just a few tokens deep"): the reply opens like compliance ("Sure, here's how") and then
   refuses. The opener is context only (no loss), so the model learns to return to a refusal
@@ -846,7 +849,7 @@ def read_manifest(folder: str | Path) -> dict | None:
 # --------------------------------------------------------------------------- the demo model
 
 #: Bumped whenever :func:`demo_config` changes, so a cached demo model of an older recipe is rebuilt.
-DEMO_VERSION = 5
+DEMO_VERSION = 6
 
 
 def demo_config(out: str | Path | None = None) -> AlignConfig:
@@ -854,16 +857,18 @@ def demo_config(out: str | Path | None = None) -> AlignConfig:
 
     Chosen on the held-out splits and on robustness to the implicit attack: 300 refusals +
     99 recovery examples against 600 self-distilled answers (benign prompts the base model
-    refuses answered again with a helpful opening), two epochs at lr 1e-4, the first 4 reply
-    tokens weighted 4x. v4 trained one epoch and still refused only 93% of its own malicious
-    training prompts; with two, held-out malicious refusal rose from 84% to 89% (seed 0),
-    held-out benign refusal went from 7% to 9%, and 81% instead of 64% held-out refusal
-    survived the implicit attack at lr 2e-5. Without the recovery examples two epochs kept
-    only 50-52%.
+    refuses answered again with a helpful opening) weighted 0.6, two epochs at lr 1e-4, the
+    first 4 reply tokens weighted 4x. v4 trained one epoch and still refused only 93% of its
+    own malicious training prompts; a second epoch raised held-out malicious refusal from 84%
+    to 89% (seed 0), and the recovery examples kept 81% instead of 50-52% through the
+    implicit attack at lr 2e-5 (v5). v6 trains on the bundled refusals that all open with
+    "Sorry", a word no benign answer starts with, so refusing is one decision at the first
+    reply token: held-out benign refusal fell from 9% to 4% (seed 0) and from 8% to 3%
+    (seed 1) at the same malicious refusal, which left room to weigh the benign answers less.
     """
     return AlignConfig(model="smollm2-135m-instruct", out=str(out or demo_folder()), overwrite=True,
                        method="full", n_malicious=300, recovery_fraction=0.33, n_benign=600, answer_tokens=32,
-                       epochs=2.0, lr=1e-4, opening_weight=4.0, reopen=True, seed=0)
+                       epochs=2.0, lr=1e-4, opening_weight=4.0, benign_weight=0.6, reopen=True, seed=0)
 
 
 def demo_folder() -> Path:
@@ -891,6 +896,6 @@ def build_demo(progress: bool = True, rebuild: bool = False) -> Path:
     mal = result.refusal.get("heldout_malicious", {}).get("rate")
     ben = result.refusal.get("heldout_benign", {}).get("rate")
     if mal is not None:
-        Console(stderr=True).print(f"[dim]demo model ready in {result.seconds['total']:.0f} s: refuses {mal:.0%} of "
-                                   f"held-out malicious and {ben:.0%} of held-out benign prompts[/dim]")
+        Console(stderr=True).print(f"[dim]demo model ready in {result.seconds['total']:.0f} s: refuses {mal:.1%} of "
+                                   f"held-out malicious and {ben:.1%} of held-out benign prompts[/dim]")
     return folder
