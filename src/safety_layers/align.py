@@ -402,7 +402,8 @@ def build_data(cfg: AlignConfig, lm: LoadedModel, min_train: int = 8, min_heldou
         if ex is not None:
             ex.category = row.get("category", "")
             train.append(ex)
-    assign_avoid(train, random.Random(f"{cfg.seed}-avoid"))
+    if cfg.unlikelihood_weight > 0:
+        assign_avoid(train, random.Random(f"{cfg.seed}-avoid"))
     counts = {"malicious_train": len(mal_rows), "refusal_examples": sum(e.kind == "refusal" for e in train),
               "recovery_examples": sum(e.kind == "recovery" for e in train),
               "benign_train": len(ben_rows), "benign_examples": sum(e.kind == "benign" for e in train),
@@ -644,16 +645,12 @@ def train_sft(lm: LoadedModel, examples: list[Example], settings: SFTSettings | 
         raise SafetyLayersError("the tokenizer has no EOS token, so the model cannot learn to end a reply: "
                                 "set tokenizer.eos_token to its end-of-turn token")
     encoded = [encode_example(tok, ex, template, s.max_length) for ex in examples]
-    for e, ex in zip(encoded, examples):
-        if e is not None:
-            e.weight = float(s.kind_weights.get(ex.kind, 1.0))
-    negatives = [None] * len(examples)
-    if s.unlikelihood_weight > 0:
-        negatives = [avoid_row(tok, ex, template, s.max_length) if e is not None else None
-                     for e, ex in zip(encoded, examples)]
     dropped = sum(e is None for e in encoded)
-    negatives = [n for n, e in zip(negatives, encoded) if e is not None]
-    encoded = [e for e in encoded if e is not None]
+    kept = [(e, ex) for e, ex in zip(encoded, examples) if e is not None]
+    for e, ex in kept:
+        e.weight = float(s.kind_weights.get(ex.kind, 1.0))
+    encoded = [e for e, _ in kept]
+    negatives = [avoid_row(tok, ex, template, s.max_length) if s.unlikelihood_weight > 0 else None for _, ex in kept]
     if not encoded:
         raise SafetyLayersError(f"no example fits in max_length={s.max_length} tokens: raise max_length")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
