@@ -93,20 +93,24 @@ def attack_examples(n: int = 165):
 
 
 def evaluate(lm, sets: list[str], tokens: int, progress: bool) -> dict:
-    from safety_layers.align import heldout_prompts, refusal_rate
+    from safety_layers.align import heldout_rows, prompt_labels, refusal_rate
     from safety_layers.data import load_prompts
 
-    held = dict(zip(("heldout_malicious", "heldout_benign"), heldout_prompts()))
+    held = dict(zip(("heldout_malicious", "heldout_benign"), heldout_rows()))
     out = {}
     for name in sets:
+        labels = None
         if name in held:
-            prompts = held[name]
+            prompts = [r["prompt"] for r in held[name]]
+            labels = [prompt_labels(r) for r in held[name]]
         else:
             prompts = load_prompts(SETS[name]).prompts
         t = time.perf_counter()
-        r = refusal_rate(lm, prompts, tokens, progress=progress)
+        r = refusal_rate(lm, prompts, tokens, progress=progress, labels=labels)
         out[name] = {**r, "seconds": round(time.perf_counter() - t, 1)}
         print(f"  {name:18s} refusal {r['rate']:6.1%}  ({r['refused']}/{r['n']})", flush=True)
+        for field, groups in r.get("by", {}).items():
+            print(f"    by {field}: " + ", ".join(f"{g} {v['refused']}/{v['n']}" for g, v in groups.items()))
     return out
 
 

@@ -111,7 +111,9 @@ def main():
 
     cfg = demo_config()
     mal_rows, held_mal, _ = _sources(cfg, "malicious")
+    held_mal = [r["prompt"] for r in held_mal]
     ben_rows, held_ben, _ = _sources(cfg, "benign")
+    held_ben = [r["prompt"] for r in held_ben]
     mal, ben = rng.sample(mal_rows, a.k), rng.sample(ben_rows, a.k)
     t = time.perf_counter()
     answers = bare_answers(mal, ben, a.tokens, work / f"bare-answers-{a.seed}-{a.k}-{a.tokens}.json")

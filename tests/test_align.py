@@ -67,6 +67,22 @@ def _cfg(files, tmp_path, **kw) -> al.AlignConfig:
 
 # --------------------------------------------------------------------------- data
 
+
+def test_breakdown_counts_refusals_per_label_value():
+    refused = [True, False, True, True, False]
+    labels = [{"category": "hate", "form": "short"}, {"category": "hate"}, {"category": "fraud", "form": "short"},
+              {"form": "question"}, {"category": "fraud", "form": "question"}]
+    by = al.breakdown(refused, labels)
+    assert by["category"] == {"(none)": {"n": 1, "refused": 1, "rate": 1.0},
+                              "fraud": {"n": 2, "refused": 1, "rate": 0.5},
+                              "hate": {"n": 2, "refused": 1, "rate": 0.5}}
+    assert {k: (v["n"], v["refused"]) for k, v in by["form"].items()} == {
+        "(none)": (1, 0), "question": (2, 1), "short": (2, 2)}
+    assert al.breakdown(refused, [{}] * 5) == {}
+    with pytest.raises(ValueError, match="5 verdicts but 4 label rows"):
+        al.breakdown(refused, labels[:4])
+    assert al.prompt_labels({"prompt": "x", "category": "hate", "form": ""}) == {"category": "hate"}
+
 def test_refusal_pool_matches_category_and_fills_or_skips_topics():
     weapons = al.refusal_pool(REFUSALS, "weapons", al.CATEGORY_TOPICS["weapons"])
     assert "I cannot help with fraud." not in weapons
@@ -273,6 +289,10 @@ def test_align_saves_a_folder_plain_transformers_loads(files, tmp_path):
     assert manifest["config"]["seed"] == 0 and manifest["counts"]["malicious_train"] == 11
     assert manifest["refusal"]["heldout_malicious"]["n"] == 5 and manifest["refusal"]["heldout_benign"]["n"] == 4
     assert manifest["fingerprint"] != manifest["base_fingerprint"]
+    by = manifest["refusal"]["heldout_malicious"]["by"]  # four prompts without a category, one leaked weapons one
+    assert list(by) == ["category"] and {k: v["n"] for k, v in by["category"].items()} == {"(none)": 4, "weapons": 1}
+    assert sum(v["refused"] for v in by["category"].values()) == manifest["refusal"]["heldout_malicious"]["refused"]
+    assert "by" not in manifest["refusal"]["heldout_benign"]  # no labels in that file
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.tensor([[5, 60, 70, 80]])
     with torch.no_grad():

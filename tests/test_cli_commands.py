@@ -248,6 +248,11 @@ def test_align_on_the_bundled_model(tmp_path, capsys):
     assert "held-out refusal rate" in text and str(out) in text
     assert f"malicious (higher is safer): {mal['refused']}/4" in text
     assert f"benign (over-refusal, lower is better): {ben['refused']}/4" in text and "95% CI" in text
+    forms = mal["by"]["form"]
+    assert mal["by"]["category"]["weapons"]["n"] == 4 and {k: v["n"] for k, v in forms.items()} == {
+        "imperative": 2, "question": 2}
+    assert sum(v["refused"] for v in forms.values()) == mal["refused"]
+    assert "by category, least refused: weapons" in text and "by category, most refused: cooking" in text
 
     assert main(argv) == 2  # the folder exists now
     assert "exists" in _error_line(capsys)

@@ -61,6 +61,8 @@ ALIGN_DATA = "data/align"
 BUNDLED = {"malicious": "malicious_train.jsonl", "benign": "benign_train.jsonl", "refusals": "refusals.jsonl",
            "heldout_malicious": "heldout_malicious.jsonl", "heldout_benign": "heldout_benign.jsonl"}
 MANIFEST = "align_manifest.json"
+#: Held-out prompt fields the refusal rates are broken down by, where a prompt file has them.
+GROUP_FIELDS = ("category", "form")
 
 #: Topic phrases that fill a refusal's ``{topic}`` ("I cannot assist with {topic}."): they
 #: must read after "for" and "with". Categories without one (self-harm, other) skip such
@@ -221,6 +223,7 @@ class AlignData:
     heldout_malicious: list[str]
     heldout_benign: list[str]
     counts: dict
+    heldout_labels: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # per prompt: category, form
 
 
 @dataclass
@@ -342,32 +345,39 @@ def _split(rows: list[dict], fraction: float, rng: random.Random) -> tuple[list[
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def _sources(cfg: AlignConfig, kind: str) -> tuple[list[dict], list[str], str]:
-    """(training rows, held-out prompts, description) for ``kind`` in malicious / benign."""
+def _sources(cfg: AlignConfig, kind: str) -> tuple[list[dict], list[dict], str]:
+    """(training rows, held-out rows, description) for ``kind`` in malicious / benign."""
     train_path = getattr(cfg, kind)
     held_path = getattr(cfg, f"heldout_{kind}")
     rows = load_records(train_path or _bundled(kind), ("prompt",))
     if held_path is not None:
-        held = [r["prompt"] for r in load_records(held_path, ("prompt",))]
-        return rows, held, f"{train_path or 'bundled'} / held out: {held_path}"
+        return rows, load_records(held_path, ("prompt",)), f"{train_path or 'bundled'} / held out: {held_path}"
     if train_path is None:
-        held = [r["prompt"] for r in load_records(_bundled(f"heldout_{kind}"), ("prompt",))]
-        return rows, held, "bundled / held out: bundled split"
+        return rows, load_records(_bundled(f"heldout_{kind}"), ("prompt",)), "bundled / held out: bundled split"
     rows, held_rows = _split(rows, cfg.heldout_fraction, random.Random(f"{cfg.seed}-split-{kind}"))
-    return rows, [r["prompt"] for r in held_rows], f"{train_path} / held out: {cfg.heldout_fraction:.0%} of it"
+    return rows, held_rows, f"{train_path} / held out: {cfg.heldout_fraction:.0%} of it"
+
+
+def heldout_rows(cfg: AlignConfig | None = None) -> tuple[list[dict], list[dict]]:
+    """The held-out (malicious, benign) rows of a recipe (``prompt`` and, where the file has
+    them, ``category`` / ``form``): what its refusal rates are measured on."""
+    cfg = cfg or AlignConfig()
+    return _sources(cfg, "malicious")[1], _sources(cfg, "benign")[1]
 
 
 def heldout_prompts(cfg: AlignConfig | None = None) -> tuple[list[str], list[str]]:
-    """The held-out (malicious, benign) prompts of a recipe: what its refusal rates are measured on."""
-    cfg = cfg or AlignConfig()
-    return _sources(cfg, "malicious")[1], _sources(cfg, "benign")[1]
+    """The held-out (malicious, benign) prompts of a recipe."""
+    mal, ben = heldout_rows(cfg)
+    return [r["prompt"] for r in mal], [r["prompt"] for r in ben]
 
 
 def build_data(cfg: AlignConfig, lm: LoadedModel, min_train: int = 8, min_heldout: int = 4) -> AlignData:
     """Load, split and pair the alignment data; self-distil the benign answers (cached)."""
     rng = random.Random(cfg.seed)
-    mal_rows, held_mal, mal_src = _sources(cfg, "malicious")
-    ben_rows, held_ben, ben_src = _sources(cfg, "benign")
+    mal_rows, held_mal_rows, mal_src = _sources(cfg, "malicious")
+    ben_rows, held_ben_rows, ben_src = _sources(cfg, "benign")
+    held_mal = [r["prompt"] for r in held_mal_rows]
+    held_ben = [r["prompt"] for r in held_ben_rows]
     refusals = load_records(cfg.refusals or _bundled("refusals"), ("text", "categories"))
 
     # Leak guard: a prompt that is also held out never reaches training.
@@ -413,7 +423,14 @@ def build_data(cfg: AlignConfig, lm: LoadedModel, min_train: int = 8, min_heldou
               "refusal_texts": len({e.response for e in train if e.kind != "benign"}),
               "removed_as_heldout": leaked, "heldout_malicious": len(held_mal), "heldout_benign": len(held_ben),
               "sources": {"malicious": mal_src, "benign": ben_src, "refusals": cfg.refusals or "bundled"}}
-    return AlignData(train, held_mal, held_ben, counts)
+    labels = {"heldout_malicious": [prompt_labels(r) for r in held_mal_rows],
+              "heldout_benign": [prompt_labels(r) for r in held_ben_rows]}
+    return AlignData(train, held_mal, held_ben, counts, labels)
+
+
+def prompt_labels(row: dict) -> dict[str, str]:
+    """The fields of a prompt row that refusal rates are broken down by (:data:`GROUP_FIELDS`)."""
+    return {k: str(row[k]) for k in GROUP_FIELDS if row.get(k) not in (None, "")}
 
 
 def self_distill(lm: LoadedModel, prompts: list[str], tokens: int, template: str = "chat",
@@ -747,15 +764,37 @@ def mean_loss(lm: LoadedModel, examples: list[Example], template: str = "chat", 
 # --------------------------------------------------------------------------- evaluation
 
 def refusal_rate(lm: LoadedModel, prompts: list[str], max_new_tokens: int = 48, template: str = "chat",
-                 progress: bool = True) -> dict:
+                 progress: bool = True, labels: list[dict[str, str]] | None = None) -> dict:
     """Share of greedy replies the keyword judge (opening mode) counts as refusals
-    (:func:`evaluate.refusal_rate`, reduced to the counts the align manifest keeps)."""
+    (:func:`evaluate.refusal_rate`, reduced to the counts the align manifest keeps). With
+    per-prompt ``labels`` (e.g. ``{"category": "hate", "form": "short"}``) the counts are also
+    broken down under ``by`` (see :func:`breakdown`)."""
     from .evaluate import refusal_rate as over_refusal
     from .generation import GenerationSettings
 
     r = over_refusal(lm, prompts, judges=("keyword",), settings=GenerationSettings(max_new_tokens=max_new_tokens),
                      template=template, progress=progress)
-    return {"n": r.n, "refused": r.count, "rate": r.count / max(r.n, 1)}
+    out = {"n": r.n, "refused": r.count, "rate": r.count / max(r.n, 1)}
+    if labels:
+        by = breakdown([v.refused for v in r.verdicts["keyword"]], labels)
+        if by:
+            out["by"] = by
+    return out
+
+
+def breakdown(refused: list[bool], labels: list[dict[str, str]]) -> dict[str, dict[str, dict]]:
+    """Refusal counts per value of each label field: ``{"category": {"hate": {"n", "refused",
+    "rate"}, ...}, "form": {...}}``. A field no prompt carries is left out; prompts without it
+    count under ``"(none)"``. Where a recipe is weak is more use than its overall rate."""
+    if len(refused) != len(labels):
+        raise ValueError(f"{len(refused)} verdicts but {len(labels)} label rows")
+    out: dict[str, dict[str, dict]] = {}
+    for key in dict.fromkeys(k for row in labels for k in row):
+        groups: dict[str, list[bool]] = {}
+        for flag, row in zip(refused, labels):
+            groups.setdefault(row.get(key, "(none)"), []).append(bool(flag))
+        out[key] = {g: {"n": len(v), "refused": sum(v), "rate": sum(v) / len(v)} for g, v in sorted(groups.items())}
+    return out
 
 
 # --------------------------------------------------------------------------- align
@@ -817,8 +856,9 @@ def align(cfg: AlignConfig | None = None, *, model=None, manifest: dict | None =
     refusal: dict = {}
     t = time.perf_counter()
     if cfg.evaluate:
-        refusal["heldout_malicious"] = refusal_rate(lm, data.heldout_malicious, cfg.eval_tokens, template, cfg.progress)
-        refusal["heldout_benign"] = refusal_rate(lm, data.heldout_benign, cfg.eval_tokens, template, cfg.progress)
+        for key in ("heldout_malicious", "heldout_benign"):
+            refusal[key] = refusal_rate(lm, getattr(data, key), cfg.eval_tokens, template, cfg.progress,
+                                        labels=data.heldout_labels.get(key))
         refusal["judge"] = "keyword (opening)"
         refusal["max_new_tokens"] = cfg.eval_tokens
     t_eval = time.perf_counter() - t

@@ -167,6 +167,13 @@ def _library_bars(on: bool) -> None:
         hf_logging.disable_progress_bar()
 
 
+def _weakest(groups: dict[str, dict], low: bool, field: str, k: int = 3) -> str:
+    """The ``k`` groups furthest from the goal: lowest refusal (``low``) or highest."""
+    order = sorted(groups.items(), key=lambda kv: (kv[1]["rate"] if low else -kv[1]["rate"], kv[0]))[:k]
+    parts = ", ".join(f"{g} {v['refused']}/{v['n']}" for g, v in order)
+    return f"by {field}, {'least' if low else 'most'} refused: {parts}"
+
+
 def _rate(k: int, n: int) -> str:
     from .stats import wilson_interval
 
@@ -266,6 +273,8 @@ def run_align(cfg) -> int:
         for key, label in (("heldout_malicious", "malicious (higher is safer)"),
                            ("heldout_benign", "benign (over-refusal, lower is better)")):
             console.print(f"  {label}: {_rate(r[key]['refused'], r[key]['n'])}")
+            for field, groups in r[key].get("by", {}).items():
+                console.print(f"    {_weakest(groups, low=key == 'heldout_malicious', field=field)}")
     else:
         console.print("held-out refusal not measured (--no-evaluate)")
     for note in result.notes:
