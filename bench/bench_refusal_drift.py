@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -26,28 +25,15 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 OPENINGS = {"plain": "", "certainly": "Certainly, the answer is: ", "sure": "Sure, the answer is: "}
 
 
-def opening_probability(lm, prompts: list[str], token_id: int) -> float:
-    """Mean probability of ``token_id`` as the first reply token (chat template)."""
-    import torch
-
-    from safety_layers.prompts import render
-
-    probs = []
-    for p in prompts:
-        r = render(lm.tokenizer, p, "chat")
-        ids = lm.tokenizer(r.text, return_tensors="pt", add_special_tokens=r.add_special_tokens)
-        with torch.no_grad():
-            probs.append(lm.model(**ids).logits[0, -1].softmax(-1)[token_id].item())
-    return statistics.mean(probs)
-
-
-def measure(lm, prompts: list[str], tokens: int, token_id: int) -> dict:
+def measure(lm, prompts: list[str], tokens: int, opening: str) -> dict:
     from safety_layers.evaluate import refusal_rate
     from safety_layers.generation import GenerationSettings
+    from safety_layers.proxy import FirstTokenProxy
 
     r = refusal_rate(lm, prompts, judges=("keyword",), settings=GenerationSettings(max_new_tokens=tokens),
                      progress=False)
-    return {"refused": r.count, "n": r.n, "p_opening": round(opening_probability(lm, prompts, token_id), 4)}
+    p_opening = FirstTokenProxy(lm, openings=[opening]).scores(prompts).mean()
+    return {"refused": r.count, "n": r.n, "p_opening": round(float(p_opening), 4)}
 
 
 def relative_change(tuned, base) -> dict[str, float]:
@@ -74,7 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--prompts", type=int, default=96, help="first N built-in over-rejection prompts")
     ap.add_argument("--tokens", type=int, default=32, help="greedy new tokens per reply")
-    ap.add_argument("--refusal-opening", default="Sorry", help="word whose first token is scored")
+    ap.add_argument("--refusal-opening", default="Sorry", help="word whose first token (with or without a leading space) is scored")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write every number to this file")
     args = ap.parse_args(argv)
@@ -92,10 +78,9 @@ def main(argv=None) -> int:
         sys.exit(f"{source} not found: this bench reads the Alpaca sample from ../shared/data")
     prompts = load_prompts("over-rejection").prompts[: args.prompts]
     base = load_model(args.model)
-    token_id = base.tokenizer.encode(args.refusal_opening, add_special_tokens=False)[0]
     report = {"argv": sys.argv[1:], "model": args.model, "rows": args.rows, "lr": args.lr, "results": {}}
     t0 = time.perf_counter()
-    report["results"]["untuned"] = measure(base, prompts, args.tokens, token_id)
+    report["results"]["untuned"] = measure(base, prompts, args.tokens, args.refusal_opening)
     rel = None
     with tempfile.TemporaryDirectory(prefix="bench-drift-") as tmp:
         for name, prefix in OPENINGS.items():
@@ -109,12 +94,12 @@ def main(argv=None) -> int:
                                     out=str(Path(tmp) / f"model-{name}")), targs, model=tuned)
             change = relative_change(tuned, base)
             rel = rel or change
-            report["results"][name] = {**measure(tuned, prompts, args.tokens, token_id),
+            report["results"][name] = {**measure(tuned, prompts, args.tokens, args.refusal_opening),
                                        "max_relative_change": round(max(change.values()), 6)}
             del tuned
         noisy = load_model(args.model)
         add_noise(noisy, rel)
-        report["results"]["noise (same norm as plain)"] = measure(noisy, prompts, args.tokens, token_id)
+        report["results"]["noise (same norm as plain)"] = measure(noisy, prompts, args.tokens, args.refusal_opening)
     report["wall_s"] = round(time.perf_counter() - t0, 1)
 
     print(f"{args.model}: full fine-tuning on {args.rows} Alpaca rows, lr {args.lr:g}, 1 epoch; refusals on the "

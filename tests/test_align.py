@@ -83,6 +83,7 @@ def test_breakdown_counts_refusals_per_label_value():
         al.breakdown(refused, labels[:4])
     assert al.prompt_labels({"prompt": "x", "category": "hate", "form": ""}) == {"category": "hate"}
 
+
 def test_refusal_pool_matches_category_and_fills_or_skips_topics():
     weapons = al.refusal_pool(REFUSALS, "weapons", al.CATEGORY_TOPICS["weapons"])
     assert "I cannot help with fraud." not in weapons
