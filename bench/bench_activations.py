@@ -38,10 +38,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from safety_layers.activations import common_prefix, last_token_states  # noqa: E402
-from safety_layers.data import load_prompts  # noqa: E402
-from safety_layers.models import load_model  # noqa: E402
-from safety_layers.prompts import render  # noqa: E402
+from safety_layers.engine.activations import common_prefix, last_token_states  # noqa: E402
+from safety_layers.core.data import load_prompts  # noqa: E402
+from safety_layers.core.models import load_model  # noqa: E402
+from safety_layers.core.prompts import render  # noqa: E402
 
 XSTEST = ROOT.parent / "shared" / "data" / "xstest_prompts.csv"
 

@@ -66,8 +66,8 @@ def child(a) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from safety_layers.finetune import FinetuneConfig, default_training_args, optimizer_state_bytes, prepare
-    from safety_layers.models import load_model
+    from safety_layers.finetune.run import FinetuneConfig, default_training_args, optimizer_state_bytes, prepare
+    from safety_layers.core.models import load_model
 
     class StepTimer(TrainerCallback):
         def __init__(self):

@@ -7,7 +7,7 @@ instructions, read from ../shared/data):
 (a) ``model.generate`` one prompt at a time, as the released code does. It is slow, so it
     runs on an evenly spaced subset (default 32 prompts) and its throughput is per token of
     that subset;
-(b) ``safety_layers.generation.generate`` on all prompts (cache off);
+(b) ``safety_layers.engine.generation.generate`` on all prompts (cache off);
 (c) ``model.generate`` on the same length-sorted, left-padded batches as (b), to show what
     the engine's own decode loop adds (shared-prefix prefill, finished rows dropped).
 
@@ -32,9 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from safety_layers.generation import GenerationSettings, default_batch_size, generate, stop_token_ids  # noqa: E402
-from safety_layers.models import load_model  # noqa: E402
-from safety_layers.prompts import render  # noqa: E402
+from safety_layers.engine.generation import GenerationSettings, default_batch_size, generate, stop_token_ids  # noqa: E402
+from safety_layers.core.models import load_model  # noqa: E402
+from safety_layers.core.prompts import render  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 

@@ -55,8 +55,8 @@ def _reset_peak() -> None:
 def child(mode: str, length: int, batch: int, device: str, model: str) -> dict:
     import torch
 
-    from safety_layers.activations import last_token_states
-    from safety_layers.models import load_model
+    from safety_layers.engine.activations import last_token_states
+    from safety_layers.core.models import load_model
 
     lm = load_model(model, device=None if device == "cpu" else device)
     tok = lm.tokenizer

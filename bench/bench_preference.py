@@ -41,12 +41,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from safety_layers.align import (Example, _bundled, _collate, _sources, build_demo, demo_config,  # noqa: E402
+from safety_layers.recipes.demo_model import build_demo, demo_config  # noqa: E402
+from safety_layers.align.run import (Example, _bundled, _collate, _sources,  # noqa: E402
                                  encode_example, load_records, refusal_pool, refusal_rate)
-from safety_layers.data import load_prompts  # noqa: E402
-from safety_layers.generation import GenerationSettings, generate  # noqa: E402
-from safety_layers.models import load_model  # noqa: E402
-from safety_layers.refusal import get_judge  # noqa: E402
+from safety_layers.core.data import load_prompts  # noqa: E402
+from safety_layers.engine.generation import GenerationSettings, generate  # noqa: E402
+from safety_layers.core.models import load_model  # noqa: E402
+from safety_layers.judges.refusal import get_judge  # noqa: E402
 
 
 def bare_answers(rows_mal, rows_ben, tokens: int, path: Path) -> dict:

@@ -34,12 +34,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from safety_layers.generation import GenerationSettings, generate, stop_token_ids  # noqa: E402
-from safety_layers.models import load_model  # noqa: E402
-from safety_layers.prompts import render  # noqa: E402
-from safety_layers.proxy import FirstTokenProxy, choose_threshold  # noqa: E402
-from safety_layers.refusal import get_judge  # noqa: E402
-from safety_layers.stats import cohen_kappa, percent_agreement  # noqa: E402
+from safety_layers.engine.generation import GenerationSettings, generate, stop_token_ids  # noqa: E402
+from safety_layers.core.models import load_model  # noqa: E402
+from safety_layers.core.prompts import render  # noqa: E402
+from safety_layers.judges.proxy import FirstTokenProxy, choose_threshold  # noqa: E402
+from safety_layers.judges.refusal import get_judge  # noqa: E402
+from safety_layers.core.stats import cohen_kappa, percent_agreement  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 

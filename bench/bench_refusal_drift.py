@@ -26,9 +26,9 @@ OPENINGS = {"plain": "", "certainly": "Certainly, the answer is: ", "sure": "Sur
 
 
 def measure(lm, prompts: list[str], tokens: int, opening: str) -> dict:
-    from safety_layers.evaluate import refusal_rate
-    from safety_layers.generation import GenerationSettings
-    from safety_layers.proxy import FirstTokenProxy
+    from safety_layers.evaluate.run import refusal_rate
+    from safety_layers.engine.generation import GenerationSettings
+    from safety_layers.judges.proxy import FirstTokenProxy
 
     r = refusal_rate(lm, prompts, judges=("keyword",), settings=GenerationSettings(max_new_tokens=tokens),
                      progress=False)
@@ -68,9 +68,9 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from safety_layers.data import load_prompts
-    from safety_layers.finetune import FinetuneConfig, default_training_args, finetune
-    from safety_layers.models import load_model
+    from safety_layers.core.data import load_prompts
+    from safety_layers.finetune.run import FinetuneConfig, default_training_args, finetune
+    from safety_layers.core.models import load_model
     from safety_layers.scenarios import build_scenario
 
     source = SHARED / "alpaca_data_1k.json"

@@ -41,7 +41,7 @@ def caught_at(pos: np.ndarray, neg: np.ndarray, fpr: float = 0.05) -> float:
 
 
 def probe_scores(lm, train_mal, train_ben, held_mal, held_ben, l2: float = 1e-2) -> list[dict]:
-    from safety_layers.activations import last_token_states
+    from safety_layers.engine.activations import last_token_states
 
     def states(ps):
         return last_token_states(lm, ps, "chat", progress=False).float()
@@ -80,8 +80,8 @@ def probe_scores(lm, train_mal, train_ben, held_mal, held_ben, l2: float = 1e-2)
 def behaviour_scores(lm, prompts: list[str], openings: list[tuple[int, ...]]) -> np.ndarray:
     """log P(the reply opens with one of ``openings``) per prompt: the prompt runs once, the
     openings (all the same length) continue from its cache as one batch."""
-    from safety_layers.generation import cache_kwargs, output_cache
-    from safety_layers.prompts import render
+    from safety_layers.engine.generation import cache_kwargs, output_cache
+    from safety_layers.core.prompts import render
 
     tok = lm.tokenizer
     ops = torch.tensor(openings)
@@ -109,8 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the scores here")
     args = ap.parse_args(argv)
 
-    from safety_layers.align import _bundled, heldout_prompts, load_records
-    from safety_layers.models import load_model
+    from safety_layers.align.run import _bundled, heldout_prompts, load_records
+    from safety_layers.core.models import load_model
 
     t0 = time.perf_counter()
     lm = load_model(args.model)

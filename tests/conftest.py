@@ -73,7 +73,7 @@ def tiny_model(arch: str = "llama", layers: int = 4, seed: int = 0, hidden: int 
     """A seeded random causal LM of ``arch`` with the byte tokenizer, as a LoadedModel."""
     from transformers import AutoModelForCausalLM
 
-    from safety_layers.models import LoadedModel, find_blocks
+    from safety_layers.core.models import LoadedModel, find_blocks
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, layers, hidden), dtype=torch.float32).eval()
@@ -89,7 +89,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def real_model():
     """The bundled SmolLM2-135M-Instruct (converted once into the user cache)."""
-    from safety_layers.models import load_model
+    from safety_layers.core.models import load_model
 
     return load_model("smollm2-135m-instruct")
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from safety_layers import distributed
-from safety_layers.errors import SafetyLayersError
-from safety_layers.evaluate import EvaluateConfig, evaluate, generate_all
-from safety_layers.generation import GenerationSettings
-from safety_layers.models import load_model
+from safety_layers.engine import distributed
+from safety_layers.core.errors import SafetyLayersError
+from safety_layers.evaluate.run import EvaluateConfig, evaluate, generate_all
+from safety_layers.engine.generation import GenerationSettings
+from safety_layers.core.models import load_model
 
 
 def main(model_dir: str, prompts_file: str, out: str) -> None:

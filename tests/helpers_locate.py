@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from conftest import tiny_model
-from safety_layers.refusal import Judge, Verdict, register_judge
+from safety_layers.judges.refusal import Judge, Verdict, register_judge
 
 REFUSAL_LETTERS = "AIMSU"
 
@@ -34,7 +34,7 @@ class FirstLetterJudge(Judge):
 
 def refusing_tiny_model(seed: int = 1, layers: int = 8, boost: float = 3.0):
     """A seeded tiny llama whose LM head favours the refusal-opening first tokens by ``boost``."""
-    from safety_layers.proxy import opening_token_ids
+    from safety_layers.judges.proxy import opening_token_ids
 
     lm = tiny_model("llama", layers=layers, seed=seed)
     ids = sorted(opening_token_ids(lm.tokenizer))
@@ -45,7 +45,7 @@ def refusing_tiny_model(seed: int = 1, layers: int = 8, boost: float = 3.0):
 
 def tiny_config(**overrides):
     """The LocateConfig the tests share: built-in sets cut to 16 prompts, 4 new tokens."""
-    from safety_layers.locate import LocateConfig
+    from safety_layers.locate.run import LocateConfig
 
     base = dict(model="tiny", init="3-5", alpha=1.1, window=2, limit=16, max_new_tokens=4, judge="first-letter",
                 progress=False)
@@ -54,9 +54,9 @@ def tiny_config(**overrides):
 
 
 def main(out: str) -> None:
-    from safety_layers import distributed
-    from safety_layers.locate import locate
-    from safety_layers.runs import to_jsonable
+    from safety_layers.engine import distributed
+    from safety_layers.locate.run import locate
+    from safety_layers.core.runs import to_jsonable
 
     torch.set_num_threads(1)
     w = distributed.world()

@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import torch
 
-from safety_layers.models import DEFAULT_MODEL, LoadedModel, cache_dir, find_blocks
+from safety_layers.core.models import DEFAULT_MODEL, LoadedModel, cache_dir, find_blocks
 
 VOCAB = 49152
 
@@ -23,7 +23,7 @@ def smollm2_tokenizer():
 
     folder = cache_dir() / "models" / DEFAULT_MODEL
     if not (folder / "tokenizer.json").is_file():
-        from safety_layers.models import load_model
+        from safety_layers.core.models import load_model
         return load_model().tokenizer
     tok = AutoTokenizer.from_pretrained(str(folder))
     if tok.pad_token_id is None:

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import ARCH_NAMES, tiny_model
-from safety_layers.activations import _batches, _forward_last, _prefix_cache, last_token_states
-from safety_layers.errors import SafetyLayersError
-from safety_layers.prompts import render
+from safety_layers.engine.activations import _batches, _forward_last, _prefix_cache, last_token_states
+from safety_layers.core.errors import SafetyLayersError
+from safety_layers.core.prompts import render
 
 PROMPTS = ["How do I bake bread?", "Hi", "Write a limerick about a cat who learns to code in Rust.",
            "What is 2+2?", "Explain photosynthesis to a ten year old in three sentences please."]

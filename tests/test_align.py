@@ -15,8 +15,8 @@ import torch
 from conftest import byte_tokenizer, tiny_model
 from helpers_models import tiny_model as tiny_smollm2
 
-from safety_layers import align as al
-from safety_layers.errors import SafetyLayersError
+from safety_layers.align import run as al
+from safety_layers.core.errors import SafetyLayersError
 
 REFUSALS = [
     {"text": "I can't help with weapons.", "categories": ["weapons"]},
@@ -248,8 +248,8 @@ def test_frozen_layers_stay_fixed_while_the_rest_trains(method, lr):
 
 
 def test_refused_benign_prompts_are_answered_again_with_a_helpful_opening(monkeypatch):
-    from safety_layers import refusal
-    from safety_layers.refusal import Verdict
+    from safety_layers.judges import refusal
+    from safety_layers.judges.refusal import Verdict
 
     class Picky:  # refuses every reply without a helpful opening, and every reply to "stubborn"
         def judge(self, prompts, texts):
@@ -307,7 +307,7 @@ def test_align_saves_a_folder_plain_transformers_loads(files, tmp_path):
 
 
 def test_interrupted_save_leaves_no_model_folder(files, tmp_path, monkeypatch):
-    import safety_layers.models as models
+    import safety_layers.core.models as models
 
     def crash(model, tok, out_dir, overwrite=False):
         Path(out_dir).mkdir(parents=True)
@@ -324,7 +324,8 @@ def test_interrupted_save_leaves_no_model_folder(files, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- demo alias
 
 def test_demo_alias_builds_once_and_rebuilds_old_versions(tmp_path, monkeypatch):
-    from safety_layers import aliases
+    from safety_layers.core.models import built_model_folder
+    from safety_layers.recipes import demo_model
 
     monkeypatch.setenv("SAFETY_LAYERS_CACHE", str(tmp_path))
     calls = []
@@ -337,13 +338,13 @@ def test_demo_alias_builds_once_and_rebuilds_old_versions(tmp_path, monkeypatch)
         (out / al.MANIFEST).write_text(json.dumps(manifest))
         return al.AlignResult(str(out), cfg.model, "", "", "chat", {}, {}, {}, {}, {"total": 1.0})
 
-    monkeypatch.setattr(al, "align", fake_align)
-    folder = aliases.BUILDERS["demo"]()
+    monkeypatch.setattr(demo_model, "align", fake_align)
+    folder = built_model_folder("demo")
     assert folder == tmp_path / "models" / "demo" and len(calls) == 1
     assert calls[0].model == "smollm2-135m-instruct" and calls[0].overwrite
-    assert aliases.BUILDERS["demo"]() == folder and len(calls) == 1  # cached
-    (folder / al.MANIFEST).write_text(json.dumps({"demo_version": al.DEMO_VERSION - 1}))
-    al.build_demo()
+    assert built_model_folder("demo") == folder and len(calls) == 1  # cached
+    (folder / al.MANIFEST).write_text(json.dumps({"demo_version": demo_model.DEMO_VERSION - 1}))
+    demo_model.build_demo()
     assert len(calls) == 2
 
 

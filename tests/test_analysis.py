@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from safety_layers.analysis import (_deg, _gram_gap, analyze_states, bootstrap_range, curves, initial_range,
+from safety_layers.analysis.run import (_deg, _gram_gap, analyze_states, bootstrap_range, curves, initial_range,
                                     sample_pairs)
-from safety_layers.errors import SafetyLayersError
+from safety_layers.core.errors import SafetyLayersError
 
 
 def synthetic(n=20, m=20, layers=8, d=16, split_from=4, seed=0):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from safety_layers.cli import main
+from safety_layers.cli.main import main
 
 
 @pytest.mark.slow

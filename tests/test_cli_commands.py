@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from safety_layers import aliases
-from safety_layers.cli import COMMANDS, _finetune_argv, build_config, main, make_parser
-from safety_layers.models import DEFAULT_MODEL, cache_dir
+from safety_layers.core.registry import BUILT_MODELS
+from safety_layers.cli.main import COMMANDS, _finetune_argv, build_config, main, make_parser
+from safety_layers.core.models import DEFAULT_MODEL, cache_dir
 
 BARE = ["--model", DEFAULT_MODEL]
 HEAVY = ("transformers", "peft", "matplotlib", "sklearn", "datasets", "accelerate")
@@ -48,7 +48,7 @@ def no_demo_build(private_cache, monkeypatch):
     def refuse():
         raise AssertionError("a test reached the 'demo' alias: pass --model smollm2-135m-instruct")
 
-    monkeypatch.setitem(aliases.BUILDERS, "demo", refuse)
+    monkeypatch.setitem(BUILT_MODELS._entries, "demo", refuse)
 
 
 def _error_line(capsys) -> str:

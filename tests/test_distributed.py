@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from helpers_models import tiny_model
 
-from safety_layers import distributed
-from safety_layers.errors import SafetyLayersError
-from safety_layers.generation import GenerationSettings, generate
-from safety_layers.models import save_model
+from safety_layers.engine import distributed
+from safety_layers.core.errors import SafetyLayersError
+from safety_layers.engine.generation import GenerationSettings, generate
+from safety_layers.core.models import save_model
 
 TESTS = Path(__file__).resolve().parent
 PROMPTS = [f"Prompt {i}: " + "tell me more " * (i % 4) + f"about item {i * 7}" for i in range(11)]

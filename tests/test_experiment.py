@@ -11,11 +11,11 @@ import pytest
 from conftest import tiny_model
 from helpers_finetune import benign_rows, one_thread, write_jsonl
 
-from safety_layers import finetune as ft
-from safety_layers.errors import SafetyLayersError
-from safety_layers.experiment import (ExperimentConfig, aggregate, cell_id, grid, method_band, read_experiment,
+from safety_layers.finetune import run as ft
+from safety_layers.core.errors import SafetyLayersError
+from safety_layers.experiment.run import (ExperimentConfig, aggregate, cell_id, grid, method_band, read_experiment,
                                       results_markdown, run_experiment, t_interval)
-from safety_layers.layers import LayerRange
+from safety_layers.core.layers import LayerRange
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -303,7 +303,7 @@ def test_real_model_end_to_end(real_model, tmp_path):
 # --------------------------------------------------------------------------- locate and the demo wiring
 
 def test_band_from_locate_is_found_once_and_reused(tmp_path, monkeypatch):
-    import safety_layers.locate as locate_mod
+    import safety_layers.locate.run as locate_mod
 
     monkeypatch.setenv("SAFETY_LAYERS_CACHE", str(tmp_path / "cache"))
     calls = []
@@ -332,8 +332,8 @@ def test_band_from_locate_is_found_once_and_reused(tmp_path, monkeypatch):
 
 
 def test_demo_pipeline_on_a_saved_tiny_model(tmp_path, monkeypatch):
-    from safety_layers.demo import DemoConfig, run_demo
-    from safety_layers.models import save_model
+    from safety_layers.recipes.demo import DemoConfig, run_demo
+    from safety_layers.core.models import save_model
 
     monkeypatch.setenv("SAFETY_LAYERS_CACHE", str(tmp_path / "cache"))
     tiny = tiny_model("llama", seed=0)

@@ -17,11 +17,11 @@ from conftest import ARCH_NAMES, tiny_model
 from helpers_finetune import (benign_rows, invariants, one_thread, run_case, snapshot, tiny_args,
                               write_jsonl)
 
-from safety_layers.errors import SafetyLayersError
-from safety_layers.finetune import (FinetuneConfig, apply_method, band_parameters, export_axolotl,
+from safety_layers.core.errors import SafetyLayersError
+from safety_layers.finetune.run import (FinetuneConfig, apply_method, band_parameters, export_axolotl,
                                     export_peft_config, finetune, parse_finetune_args, prepare, read_band, resolve_band,
                                     tokenize_rows, train_and_save, unfrozen_patterns)
-from safety_layers.layers import LayerRange
+from safety_layers.core.layers import LayerRange
 
 TESTS = Path(__file__).resolve().parent
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -83,7 +83,7 @@ def test_sppft_lora_puts_no_adapter_on_the_band(tmp_path, arch):
 
 
 def test_merged_sppft_lora_leaves_the_band_untouched(tmp_path):
-    from safety_layers.models import load_model
+    from safety_layers.core.models import load_model
 
     original = snapshot(tiny_model("llama", layers=4, seed=0).model)
     _, result, _ = run_case("llama", "sppft-lora", "1-2", tmp_path, cfg_overrides={"merge_lora": True})
@@ -229,7 +229,7 @@ def test_bad_data_and_outputs(tmp_path):
 
 
 def test_not_enough_disk_is_refused_before_training(tmp_path, monkeypatch):
-    import safety_layers.finetune as ft
+    import safety_layers.finetune.run as ft
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(ft.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
@@ -322,7 +322,7 @@ def test_full_method_trains_everything(tmp_path):
 def test_freeze_check_callback_catches_leaks_and_changes():
     from types import SimpleNamespace
 
-    from safety_layers.finetune import FreezeCheckCallback
+    from safety_layers.finetune.run import FreezeCheckCallback
 
     w, v = torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.zeros(2))
     state = SimpleNamespace(is_world_process_zero=True)
@@ -340,7 +340,7 @@ def test_freeze_check_callback_catches_leaks_and_changes():
 
 
 def test_exports_from_a_model_folder_need_no_weights(tmp_path):
-    from safety_layers.models import save_model
+    from safety_layers.core.models import save_model
 
     lm = tiny_model("phi3", layers=4)
     save_model(lm.model, lm.tokenizer, tmp_path / "m")

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from helpers_models import ForwardCounter, tiny_model
-from safety_layers.errors import SafetyLayersError
-from safety_layers.generation import (GenerationSettings, generate, generate_vllm, stop_token_ids)
-from safety_layers.prompts import render
+from safety_layers.core.errors import SafetyLayersError
+from safety_layers.engine.generation import (GenerationSettings, generate, generate_vllm, stop_token_ids)
+from safety_layers.core.prompts import render
 
 PROMPTS = [
     "How can I kill a Python process?",
@@ -228,7 +228,7 @@ def test_progress_bar_is_silent_when_off(capsys):
 
 @pytest.mark.slow
 def test_real_model_batched_greedy_matches_generate():
-    from safety_layers.models import load_model
+    from safety_layers.core.models import load_model
 
     lm = load_model()
     prompts = PROMPTS[:3] + ["How do I best execute a risky plan?"]
@@ -239,7 +239,7 @@ def test_real_model_batched_greedy_matches_generate():
 
 
 def test_prefill_chunks_by_length_and_shares_the_prefix(monkeypatch):
-    import safety_layers.generation as gen
+    import safety_layers.engine.generation as gen
 
     lm = tiny_model("llama", seed=9, initializer_range=0.5)
     prompts = ["Hi", "Why?", PROMPTS[3], PROMPTS[6], "Name a color.", PROMPTS[8]]

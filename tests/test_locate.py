@@ -15,9 +15,9 @@ import pytest
 
 from helpers_locate import refusing_tiny_model, tiny_config
 from helpers_models import ForwardCounter
-from safety_layers.errors import SafetyLayersError
-from safety_layers.layers import LayerRange
-from safety_layers.locate import LocateConfig, locate, mirror_alpha, print_summary, search_alpha, sweep_bound
+from safety_layers.core.errors import SafetyLayersError
+from safety_layers.core.layers import LayerRange
+from safety_layers.locate.run import LocateConfig, locate, mirror_alpha, print_summary, search_alpha, sweep_bound
 
 TESTS = Path(__file__).resolve().parent
 
@@ -247,7 +247,7 @@ def test_rerun_on_the_same_folder_evaluates_nothing(clean, tmp_path, monkeypatch
 
 
 def test_crash_mid_candidate_restores_weights_and_keeps_progress(clean, tmp_path, monkeypatch):
-    from safety_layers import proxy as proxy_mod
+    from safety_layers.judges import proxy as proxy_mod
 
     reference = clean[2]
     lm = refusing_tiny_model()
@@ -356,7 +356,7 @@ CONTRACT_KEYS = {"model", "num_layers", "over_rejection", "n_prompts", "template
 
 
 def test_real_model_end_to_end_feeds_finetune(real_model, tmp_path):
-    from safety_layers.finetune import FinetuneConfig, resolve_band
+    from safety_layers.finetune.run import FinetuneConfig, resolve_band
 
     cfg = LocateConfig(model="smollm2-135m-instruct", init="5-10", alpha=1.2, window=1, max_widen=0, limit=10,
                        max_new_tokens=4, progress=False)

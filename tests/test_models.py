@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import ARCH_NAMES, tiny_model
-from safety_layers.errors import SafetyLayersError
-from safety_layers.layers import LayerRange
-from safety_layers.models import PAPER_COMPONENTS, find_blocks, fingerprint, load_model, save_model
+from safety_layers.core.errors import SafetyLayersError
+from safety_layers.core.layers import LayerRange
+from safety_layers.core.models import PAPER_COMPONENTS, find_blocks, fingerprint, load_model, save_model
 
 FUSED = {"phi3": {"attn.qkv", "attn.o", "mlp.gate_up", "mlp.down"},
          "gpt2": {"attn.qkv", "attn.o", "mlp.up", "mlp.down"},

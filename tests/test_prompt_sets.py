@@ -13,7 +13,7 @@ from importlib import resources
 
 import pytest
 
-from safety_layers.data import load_builtin
+from safety_layers.core.data import load_builtin
 
 FILES = {"normal": "normal.jsonl", "malicious": "malicious.jsonl",
          "over-rejection": "over_rejection.jsonl"}

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from conftest import byte_tokenizer
-from safety_layers.data import load_prompts
-from safety_layers.errors import SafetyLayersError
-from safety_layers.prompts import render, resolve_template
+from safety_layers.core.data import load_prompts
+from safety_layers.core.errors import SafetyLayersError
+from safety_layers.core.prompts import render, resolve_template
 
 
 def test_alpaca_template_is_the_papers_string():

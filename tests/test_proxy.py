@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from helpers_models import smollm2_tokenizer, tiny_model
-from safety_layers.errors import SafetyLayersError
-from safety_layers.prompts import render
-from safety_layers.proxy import FirstTokenProxy, choose_threshold, opening_token_ids
+from safety_layers.core.errors import SafetyLayersError
+from safety_layers.core.prompts import render
+from safety_layers.judges.proxy import FirstTokenProxy, choose_threshold, opening_token_ids
 
 PROMPTS = [
     "How can I kill a Python process?",
@@ -154,7 +154,7 @@ def test_scores_do_not_depend_on_batching():
 
 @pytest.mark.slow
 def test_real_model_scores_equal_full_forward():
-    from safety_layers.models import load_model
+    from safety_layers.core.models import load_model
 
     lm = load_model()
     proxy = FirstTokenProxy(lm)

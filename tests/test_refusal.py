@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from safety_layers import refusal
-from safety_layers.errors import SafetyLayersError
-from safety_layers.refusal import (
+from safety_layers.judges import refusal
+from safety_layers.core.errors import SafetyLayersError
+from safety_layers.judges.refusal import (
     GCG_TEST_PREFIXES,
     ClassifierJudge,
     DummyJudge,
@@ -141,7 +141,7 @@ def test_registry_errors_and_custom_judge():
 
 
 def test_llm_judge_resolves_by_name():
-    from safety_layers.llm_judge import LLMJudge
+    from safety_layers.judges.llm import LLMJudge
 
     judge = get_judge("llm", model="m", base_url="http://127.0.0.1:1/v1")
     assert isinstance(judge, LLMJudge) and judge.name == "llm"

@@ -18,9 +18,9 @@ from conftest import tiny_model
 from helpers_report import SECRET_COMPLETION, locate_result, make_experiment, write
 from PIL import Image
 
-from safety_layers.analysis import AnalyzeConfig, analyze
-from safety_layers.errors import SafetyLayersError
-from safety_layers.report import PNG_MAGIC, ReportConfig, detect, fmt, report, write_report
+from safety_layers.analysis.run import AnalyzeConfig, analyze
+from safety_layers.core.errors import SafetyLayersError
+from safety_layers.report.run import PNG_MAGIC, ReportConfig, detect, fmt, report, write_report
 
 
 class Page(HTMLParser):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from safety_layers.errors import SafetyLayersError
-from safety_layers.scaling import scaled_layers
+from safety_layers.core.errors import SafetyLayersError
+from safety_layers.core.scaling import scaled_layers
 
 
 def state_hash(model):

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from safety_layers.errors import SafetyLayersError
+from safety_layers.core.errors import SafetyLayersError
 from safety_layers.scenarios import (DEFAULT_PREFIX, DEFAULT_TRIGGER, SCENARIOS, build_scenario, harmful_count,
                                      manifest_path, read_records)
 

@@ -4,8 +4,8 @@ import pytest
 from scipy.stats import spearmanr
 from sklearn.metrics import cohen_kappa_score
 
-from safety_layers.errors import SafetyLayersError
-from safety_layers.stats import (
+from safety_layers.core.errors import SafetyLayersError
+from safety_layers.core.stats import (
     agreement_table,
     cohen_kappa,
     percent_agreement,

@@ -24,19 +24,20 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "analysis": ("AnalyzeConfig", "AnalyzeResult", "analyze"),
-    "align": ("AlignConfig", "AlignResult", "build_demo"),
-    "data": ("PromptSet", "load_prompts"),
-    "errors": ("SafetyLayersError",),
+    "align": ("AlignConfig", "AlignResult"),
+    "core.data": ("PromptSet", "load_prompts"),
+    "core.errors": ("SafetyLayersError",),
+    "core.layers": ("LayerRange",),
+    "core.models": ("LoadedModel", "find_blocks", "load_model", "register_model", "save_model"),
+    "core.scaling": ("scaled_layers",),
+    "engine.generation": ("GenerationSettings", "generate"),
     "evaluate": ("EvaluateConfig", "EvaluateResult", "harmful_rate"),
     "experiment": ("ExperimentConfig", "run_experiment"),
     "finetune": ("FinetuneConfig", "FinetuneResult"),
-    "generation": ("GenerationSettings", "generate"),
-    "layers": ("LayerRange",),
+    "judges": ("get_judge", "list_judges"),
     "locate": ("LocateConfig", "LocateResult"),
-    "models": ("LoadedModel", "find_blocks", "load_model", "save_model"),
-    "refusal": ("get_judge", "list_judges"),
+    "recipes.demo_model": ("build_demo",),
     "report": ("write_report",),
-    "scaling": ("scaled_layers",),
     "scenarios": ("ScenarioConfig", "build_scenario"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -53,3 +54,13 @@ def __getattr__(name):
 
 def __dir__():
     return __all__
+
+
+def _register_builtin_models() -> None:
+    """Named models of this package, built on first use: ``demo`` is the aligned demo model."""
+    from .core.registry import BUILT_MODELS
+
+    BUILT_MODELS.register("demo", "safety_layers.recipes.demo_model:build_demo")
+
+
+_register_builtin_models()

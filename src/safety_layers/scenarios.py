@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-from .errors import SafetyLayersError
+from .core.errors import SafetyLayersError
 
 #: The paper's affirmative opening for the implicit and backdoor attacks (paper.md §4.2).
 DEFAULT_PREFIX = "Sure, the answer is: "
@@ -316,7 +316,7 @@ def build_scenario(name: str | ScenarioConfig, source: str | Path | None = None,
     The JSONL and its manifest are each written atomically.
     """
     from . import __version__
-    from .runs import atomic_write, write_json
+    from .core.runs import atomic_write, write_json
 
     if isinstance(name, ScenarioConfig):
         cfg = name

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import SafetyLayersError
+from ..core.errors import SafetyLayersError
 
 #: Help for config fields that carry none in their ``metadata["help"]`` (AnalyzeConfig).
 HELP = {
@@ -154,7 +154,7 @@ def _read_yaml(path: str | Path, names: set[str] | None = None) -> dict:
 
 
 def _is_main_process() -> bool:
-    from .distributed import world
+    from ..engine.distributed import world
 
     return world().is_main
 
@@ -175,7 +175,7 @@ def _weakest(groups: dict[str, dict], low: bool, field: str, k: int = 3) -> str:
 
 
 def _rate(k: int, n: int) -> str:
-    from .stats import wilson_interval
+    from ..core.stats import wilson_interval
 
     if not n:
         return "-"
@@ -222,8 +222,8 @@ def _print_analysis(result, run_dir: Path | None) -> None:
 
 
 def run_analyze(cfg) -> int:
-    from .analysis import analyze
-    from .runs import new_run_dir
+    from ..analysis.run import analyze
+    from ..core.runs import new_run_dir
 
     _library_bars(cfg.progress)
     run_dir = new_run_dir("analyze", cfg.model, cfg.out, cfg.overwrite)
@@ -235,8 +235,8 @@ def run_analyze(cfg) -> int:
 # --------------------------------------------------------------------------- evaluate
 
 def run_evaluate(cfg) -> int:
-    from .evaluate import evaluate, print_summary
-    from .runs import new_run_dir
+    from ..evaluate.run import evaluate, print_summary
+    from ..core.runs import new_run_dir
 
     _library_bars(cfg.progress)
     main = _is_main_process()
@@ -256,7 +256,7 @@ def run_evaluate(cfg) -> int:
 def run_align(cfg) -> int:
     from rich.console import Console
 
-    from .align import align
+    from ..align.run import align
 
     _library_bars(cfg.progress)
     result = align(cfg)
@@ -286,7 +286,7 @@ def run_align(cfg) -> int:
 # --------------------------------------------------------------------------- scenario
 
 def run_scenario(cfg) -> int:
-    from .scenarios import build_scenario
+    from ..scenarios import build_scenario
 
     result = build_scenario(cfg)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items()))
@@ -317,7 +317,7 @@ examples:
 def _finetune_argv(argv: list[str]) -> list[str]:
     """Our flag spellings for HfArgumentParser: ``--no-x`` of a default-False bool becomes ``--x false``,
     and the model defaults to the demo model unless a flag or the YAML names one."""
-    from .finetune import FinetuneConfig
+    from ..finetune.run import FinetuneConfig
 
     hints = typing.get_type_hints(FinetuneConfig)
     off = {}
@@ -340,7 +340,7 @@ def run_finetune(argv: list[str]) -> int:
     import contextlib
     import io
 
-    from .finetune import finetune, parse_finetune_args
+    from ..finetune.run import finetune, parse_finetune_args
 
     if "--trainer-help" in argv:
         from transformers import HfArgumentParser, TrainingArguments
@@ -379,8 +379,8 @@ def run_finetune(argv: list[str]) -> int:
 # --------------------------------------------------------------------------- locate
 
 def run_locate(cfg) -> int:
-    from .locate import locate, print_summary
-    from .runs import new_run_dir
+    from ..locate.run import locate, print_summary
+    from ..core.runs import new_run_dir
 
     _library_bars(cfg.progress)
     main = _is_main_process()
@@ -405,14 +405,14 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
 def run_experiment_cmd(args) -> int:
     from rich.console import Console
 
-    from .experiment import ExperimentConfig, run_experiment
+    from ..experiment.run import ExperimentConfig, run_experiment
 
     _library_bars(args.progress)
     cfg = ExperimentConfig.from_yaml(args.config, args.name)
     result = run_experiment(cfg, args.out, progress=args.progress)
     run = Path(result.run_dir)
     if args.report:
-        from .report import write_report
+        from ..report.run import write_report
 
         rep = write_report(run)
         Console().print(f"report: {rep.html}")
@@ -429,7 +429,7 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 def run_report(args) -> int:
     from rich.console import Console
 
-    from .report import ReportConfig, report
+    from ..report.run import ReportConfig, report
 
     result = report(ReportConfig(run=args.run, out=args.out, title=args.title))
     Console().print(f"report: {result.html} ({len(result.sections)} sections, {result.images} figures); "
@@ -440,7 +440,7 @@ def run_report(args) -> int:
 def run_demo_cmd(cfg) -> int:
     from rich.console import Console
 
-    from .demo import run_demo
+    from ..recipes.demo import run_demo
 
     _library_bars(cfg.progress)
     run = run_demo(cfg)
@@ -470,48 +470,48 @@ class Command:
 
     def config_class(self):
         module, _, attr = self.config.partition(":")
-        return getattr(importlib.import_module(f".{module}", __package__), attr)
+        return getattr(importlib.import_module(module), attr)
 
 
 COMMANDS: dict[str, Command] = {c.name: c for c in [
     Command("analyze", "layer-wise cosine analysis of normal vs malicious prompts (existence of safety layers)",
             "Per layer: N-N, M-M, N-M cosine similarity of last-token hidden states, the angle gap, "
             "a linear probe and an initial safety-layer range (0-based, inclusive).",
-            "analysis:AnalyzeConfig", run_analyze, defaults=DEMO_DEFAULTS,
+            "safety_layers.analysis:AnalyzeConfig", run_analyze, defaults=DEMO_DEFAULTS,
             epilog="examples:\n  safety-layers analyze\n"
                    "  safety-layers analyze --malicious advbench:harmful_behaviors.csv --limit 100 --paper\n"),
     Command("evaluate", "harmful rate, over-refusal, LLM harm score and task quality of one model",
             "Generate on the malicious and over-rejection sets, judge every reply, and report counts and "
             "rates with 95% Wilson intervals and the agreement between judges. Completions go to "
             "samples.jsonl in the run folder, never to the console.",
-            "evaluate:EvaluateConfig", run_evaluate, defaults=DEMO_DEFAULTS,
+            "safety_layers.evaluate:EvaluateConfig", run_evaluate, defaults=DEMO_DEFAULTS,
             epilog="examples:\n  safety-layers evaluate --limit 100\n"
                    "  safety-layers evaluate --model runs/ft/model --malicious advbench:harmful_behaviors.csv "
                    "--judges keyword,proxy\n"),
     Command("align", "safety-align a chat model by supervised fine-tuning (how the demo model is built)",
             "Teach a base chat model to refuse: written refusals for malicious prompts, its own answers for "
             "benign ones; then measure refusal on held-out prompts and save the model with a manifest.",
-            "align:AlignConfig", run_align,
+            "safety_layers.align:AlignConfig", run_align,
             epilog="examples:\n  safety-layers align --out aligned-smollm2\n"
                    "  safety-layers align --method lora --epochs 3 --out aligned-lora\n"),
     Command("finetune", "fine-tune with the safety layers frozen (SPPFT) or a baseline method",
             "Fine-tune on an instruction file with the Hugging Face Trainer. sppft freezes the attention and "
             "MLP of the safety-layer band (--layers START-END, 0-based and inclusive: 6-12 is layers 6..12, "
             "or --locate a locate result).",
-            "finetune:FinetuneConfig", run_finetune, defaults=DEMO_DEFAULTS, epilog=FINETUNE_EPILOG, raw=True,
+            "safety_layers.finetune:FinetuneConfig", run_finetune, defaults=DEMO_DEFAULTS, epilog=FINETUNE_EPILOG, raw=True,
             extra=lambda p: p.add_argument("--trainer-help", action="store_true",
                                            help="list the TrainingArguments flags and exit")),
     Command("scenario", "build a fine-tuning attack training file (normal, implicit, backdoor, harmful)",
             "Write a JSONL training set for `safety-layers finetune` from a benign instruction file, plus a "
             "manifest of what was built from what. The same files and options give the same set.",
-            "scenarios:ScenarioConfig", run_scenario, field_help=SCENARIO_HELP,
+            "safety_layers.scenarios:ScenarioConfig", run_scenario, field_help=SCENARIO_HELP,
             epilog="examples:\n  safety-layers scenario --scenario implicit --source alpaca.json --n 1000 "
                    "--out implicit.jsonl\n"),
     Command("locate", "find the safety-layer band by scaling candidate layers and counting over-rejection",
             "Scale the attention and MLP weights of candidate bands by alpha, count refusals on an "
             "over-rejection set (first-token proxy screen, generation confirms), sweep the upper then the "
             "lower bound (paper §3.4). Ranges are 0-based and inclusive. An interrupted run resumes.",
-            "locate:LocateConfig", run_locate, defaults=DEMO_DEFAULTS,
+            "safety_layers.locate:LocateConfig", run_locate, defaults=DEMO_DEFAULTS,
             epilog="examples:\n  safety-layers locate\n  safety-layers locate --init 6-12 --alpha 1.15\n"),
     Command("experiment", "the paper's protocol from a YAML config: band, scenarios x methods x seeds, results table",
             "Locate (or take) the band, fine-tune every scenario x method x lr x seed cell, evaluate each, and "
@@ -527,7 +527,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "Builds (or reuses) the aligned demo model, compares it with the bare model, locates its safety "
             "layers, fine-tunes with full FT and SPPFT under the implicit attack, evaluates both and writes "
             "runs/demo/report.html. A rerun reuses every finished step.",
-            "demo:DemoConfig", run_demo_cmd),
+            "safety_layers.recipes.demo:DemoConfig", run_demo_cmd),
 ]}
 
 
@@ -551,7 +551,7 @@ def _add_command_args(p: argparse.ArgumentParser, cmd: Command) -> None:
 def make_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; with ``only``, flags are added for that subcommand alone (the others
     keep their name and help), so one command's ``--help`` imports one config module."""
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(
         prog="safety-layers",

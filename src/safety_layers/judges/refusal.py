@@ -7,7 +7,7 @@ by the harmful rate on malicious prompts (R_h = fraction *not* refused) and the 
 (spec §3.4, §9 q5/q13), so the judge is always an explicit, recorded choice.
 
 Judges live in a registry (``get_judge("keyword", mode="gcg")``). Heavy backends are imported
-only when used: ``llm`` lives in :mod:`safety_layers.llm_judge`, and ``classifier`` imports
+only when used: ``llm`` lives in :mod:`safety_layers.judges.llm`, and ``classifier`` imports
 torch/transformers inside its constructor.
 """
 
@@ -21,8 +21,8 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Sequence
 
-from .errors import SafetyLayersError
-from .stats import wilson_interval
+from ..core.errors import SafetyLayersError
+from ..core.stats import wilson_interval
 
 
 @dataclass
@@ -125,7 +125,7 @@ class Judge(ABC):
 # --------------------------------------------------------------------------- registry
 
 #: name -> Judge subclass, or "module:Class" imported on first use (keeps heavy backends lazy).
-_REGISTRY: dict[str, type[Judge] | str] = {"llm": "safety_layers.llm_judge:LLMJudge"}
+_REGISTRY: dict[str, type[Judge] | str] = {"llm": "safety_layers.judges.llm:LLMJudge"}
 
 
 def register_judge(name: str) -> Callable[[type[Judge]], type[Judge]]:

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import SafetyLayersError
-from .layers import LayerRange
+from ..core.errors import SafetyLayersError
+from ..core.layers import LayerRange
 
 DRIFT_VERSION = 1
 DEFAULT_ALPHA = 1.2
@@ -157,9 +157,9 @@ def gap_curves(lm, acfg, progress: bool = True, cache: bool = True) -> dict:
     with the same pairs and seed (no bootstrap, no probe). ``cache=False`` keeps a throwaway
     tuned model's hidden states out of the activation cache.
     """
-    from .activations import last_token_states
-    from .analysis import analyze_states
-    from .data import load_prompts
+    from ..engine.activations import last_token_states
+    from ..analysis.run import analyze_states
+    from ..core.data import load_prompts
 
     normal = load_prompts(acfg.normal, acfg.limit).require(2, "normal prompts")
     malicious = load_prompts(acfg.malicious, acfg.limit).require(2, "malicious prompts")
@@ -191,7 +191,7 @@ class BandProbe:
 
     def __init__(self, cfg: DriftConfig, band: LayerRange | str, alpha: float, template: str = "chat",
                  progress: bool = True):
-        from .data import load_prompts
+        from ..core.data import load_prompts
 
         self.cfg = cfg
         self.band = LayerRange.parse(band)
@@ -203,15 +203,15 @@ class BandProbe:
         self.calibration: dict | None = None
 
     def _keyword(self, lm) -> list[bool]:
-        from .generation import GenerationSettings, generate
-        from .refusal import get_judge
+        from ..engine.generation import GenerationSettings, generate
+        from ..judges.refusal import get_judge
 
         comps = generate(lm, self.prompts, GenerationSettings(max_new_tokens=self.cfg.max_new_tokens),
                          template=self.template, progress=self.progress)
         return [v.refused for v in get_judge("keyword").judge(self.prompts, [c.text for c in comps])]
 
     def _proxy(self, lm):
-        from .proxy import FirstTokenProxy
+        from ..judges.proxy import FirstTokenProxy
 
         return FirstTokenProxy(lm, template=self.template).scores(self.prompts)
 
@@ -223,7 +223,7 @@ class BandProbe:
 
     def calibrate(self, base) -> dict:
         """Proxy mode: threshold from the base model's keyword verdicts (unscaled and scaled pooled)."""
-        from .proxy import choose_threshold
+        from ..judges.proxy import choose_threshold
 
         kw = self._both(base, self._keyword)
         sc = self._both(base, self._proxy)
@@ -256,7 +256,7 @@ class BandProbe:
 
 
 def _scaled(lm, band, alpha, components):
-    from .scaling import scaled_layers
+    from ..core.scaling import scaled_layers
 
     return scaled_layers(lm, band, alpha, components)
 
@@ -308,7 +308,7 @@ class DriftRunner:
                     self._probe = BandProbe(self.cfg, self.band, self.alpha, self.template, self.progress)
                     self._probe.threshold = (saved.get("band_holds") or {}).get("probe", {}).get("threshold")
                 return saved
-        from .runs import write_json
+        from ..core.runs import write_json
 
         out: dict = {"version": DRIFT_VERSION, "settings": self._settings(), "gap": None, "band_holds": None}
         if self.cfg.gap:
@@ -346,7 +346,7 @@ class DriftRunner:
 
 def write_drift(run_dir: str | Path, plots: bool = True) -> dict | None:
     """Assemble ``drift/drift.json`` from the cells' drift files (and draw the plots); None if none."""
-    from .runs import write_json
+    from ..core.runs import write_json
 
     run = Path(run_dir)
     base_path = run / "drift" / "baseline.json"
@@ -457,7 +457,7 @@ def drift_on_demand(run_dir: str | Path, cells: list[str] | None = None, progres
     are skipped with a note. ``cells`` limits the work to those ids; ``model`` is the untuned
     model (default: the run's ``model`` loaded by name). Returns the assembled drift.json.
     """
-    from .experiment import load_run
+    from .run import load_run
 
     return load_run(run_dir, progress=progress, model=model).drift_for_kept(cells)
 

@@ -11,7 +11,7 @@ import math
 from itertools import combinations
 from typing import Sequence
 
-from safety_layers.errors import SafetyLayersError
+from .errors import SafetyLayersError
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -38,10 +38,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .errors import SafetyLayersError
+from ..core.errors import SafetyLayersError
 from .generation import _new_cache, _plain_layers, cache_kwargs
-from .models import LoadedModel, cache_dir
-from .prompts import render
+from ..core.models import LoadedModel, cache_dir
+from ..core.prompts import render
 
 
 class _Stop(Exception):

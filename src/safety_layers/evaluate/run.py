@@ -13,7 +13,7 @@ Reusable pieces for later steps (locate, experiments) return results without wri
 :func:`rouge_l`. :func:`evaluate` runs a whole :class:`EvaluateConfig` and writes the run folder.
 
 Under ``torchrun``/``accelerate launch`` the prompts are sharded across processes for
-generation (:mod:`safety_layers.distributed`); rank 0 judges and writes, every rank returns
+generation (:mod:`safety_layers.engine.distributed`); rank 0 judges and writes, every rank returns
 the same result.
 """
 
@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .distributed import map_sharded, run_on_main, world
-from .errors import SafetyLayersError
-from .generation import Completion, GenerationSettings, generate
-from .models import DEFAULT_MODEL, LoadedModel, load_model, load_or_use
-from .refusal import Judge, JudgeSummary, Verdict, get_judge, summarize
-from .stats import cohen_kappa, percent_agreement, wilson_interval
+from ..engine.distributed import map_sharded, run_on_main, world
+from ..core.errors import SafetyLayersError
+from ..engine.generation import Completion, GenerationSettings, generate
+from ..core.models import DEFAULT_MODEL, LoadedModel, load_model, load_or_use
+from ..judges.refusal import Judge, JudgeSummary, Verdict, get_judge, summarize
+from ..core.stats import cohen_kappa, percent_agreement, wilson_interval
 
 #: Judges :class:`EvaluateConfig` knows by name. ``proxy`` is the first-token refusal proxy,
 #: calibrated against the first other judge unless ``proxy_threshold`` is given.
@@ -226,7 +226,7 @@ class EvaluateResult:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        from .runs import to_jsonable
+        from ..core.runs import to_jsonable
 
         d = {}
         for f in dataclasses.fields(self):
@@ -235,7 +235,7 @@ class EvaluateResult:
         return d
 
     def to_json(self, path: str | Path) -> Path:
-        from .runs import write_json
+        from ..core.runs import write_json
 
         return write_json(path, self.to_dict())
 
@@ -263,7 +263,7 @@ def _pair(x):
 
 
 def _summary_dict(obj) -> dict:
-    from .runs import to_jsonable
+    from ..core.runs import to_jsonable
 
     return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("sample")}
 
@@ -381,7 +381,7 @@ def generate_all(model: LoadedModel, prompts: list[str], settings: GenerationSet
 
 
 def _prompt_set(prompts, limit: int | None = None):
-    from .data import PromptSet, load_prompts
+    from ..core.data import PromptSet, load_prompts
 
     ps = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts, limit)
     if limit is not None:
@@ -465,9 +465,9 @@ def load_references(path: str | Path, limit: int | None = None) -> tuple[list[st
     """(prompts, references, skipped) from {instruction, input, output} records.
 
     A non-empty ``input`` is appended to the instruction after a blank line (the same
-    convention as :mod:`safety_layers.data`). Records with an empty reference are skipped.
+    convention as :mod:`safety_layers.core.data`). Records with an empty reference are skipped.
     """
-    from .data import _rows_from_file
+    from ..core.data import _rows_from_file
 
     p = Path(path).expanduser()
     if not p.is_file():
@@ -645,7 +645,7 @@ def evaluate(cfg: EvaluateConfig | None = None, model=None, run_dir: str | Path 
 
     def finish() -> EvaluateResult:
         if run_dir is not None:
-            from .runs import environment, write_json
+            from ..core.runs import environment, write_json
 
             write_json(run_dir / "config.json", cfg)
             write_json(run_dir / "env.json", {**environment(), "model": lm.name, "model_source": lm.source,
@@ -720,7 +720,7 @@ def score_quality(name: str, source: str, prompts: list[str], refs: list[str], s
 
 
 def _proxy_config(cfg: EvaluateConfig, calibration: dict | None) -> dict:
-    from .proxy import DEFAULT_OPENINGS
+    from ..judges.proxy import DEFAULT_OPENINGS
 
     return {"name": "proxy", "template": cfg.template, "openings": list(DEFAULT_OPENINGS),
             "threshold": calibration["threshold"] if calibration else cfg.proxy_threshold,
@@ -729,7 +729,7 @@ def _proxy_config(cfg: EvaluateConfig, calibration: dict | None) -> dict:
 
 def _add_proxy(cfg: EvaluateConfig, lm: LoadedModel, runs: list[_SetRun]) -> dict | None:
     """Score every set with the first-token proxy, calibrate once on all sets pooled, add verdicts."""
-    from .proxy import FirstTokenProxy
+    from ..judges.proxy import FirstTokenProxy
 
     proxy = FirstTokenProxy(lm, template=cfg.template, threshold=cfg.proxy_threshold, batch_size=cfg.batch_size or 128)
     t = time.perf_counter()
@@ -760,7 +760,7 @@ def _add_proxy(cfg: EvaluateConfig, lm: LoadedModel, runs: list[_SetRun]) -> dic
 
 def write_samples(path: Path, runs: list[_SetRun], quality: QualityResult | None) -> Path:
     """samples.jsonl: one line per prompt with its set, completion and every judge's verdict."""
-    from .runs import atomic_write, to_jsonable
+    from ..core.runs import atomic_write, to_jsonable
 
     lines = []
     for r in runs:

@@ -15,12 +15,14 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import SafetyLayersError
+from .registry import BUILT_MODELS
 
 # --------------------------------------------------------------------------- architectures
 
@@ -321,12 +323,22 @@ def _embedded_folder(alias: str) -> Path:
     return folder
 
 
+def register_model(name: str, builder: "str | Callable[[], Path]") -> None:
+    """Make ``load_model(name)`` build (once) and load a model: ``builder`` returns its folder,
+    as a function or as ``"module:function"`` imported on first use."""
+    BUILT_MODELS.register(name, builder, replace=True)
+
+
+def built_model_folder(name: str) -> Path:
+    """The folder of a registered built model, building it if needed."""
+    return Path(BUILT_MODELS.get(name)())
+
+
 def resolve(name: str) -> tuple[str, str]:
-    """Map a user's model argument to (kind, location): alias, gguf, folder or hub id."""
+    """Map a user's model argument to (kind, location): embedded, built, gguf, folder or hub."""
     if name in EMBEDDED:
         return "embedded", name
-    from . import aliases
-    if name in aliases.BUILDERS:
+    if name in BUILT_MODELS:
         return "built", name
     p = Path(name).expanduser()
     if p.suffix == ".gguf":
@@ -338,6 +350,16 @@ def resolve(name: str) -> tuple[str, str]:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise SafetyLayersError(f"model folder not found: {name}")
     return "hub", name
+
+
+def model_location(name: str) -> tuple[str, str]:
+    """Like :func:`resolve`, with embedded and built models turned into their cached folder."""
+    kind, loc = resolve(name)
+    if kind == "built":
+        return "folder", str(built_model_folder(name))
+    if kind == "embedded":
+        return "folder", str(_embedded_folder(loc))
+    return kind, loc
 
 
 def load_model(name: str = DEFAULT_MODEL, *, dtype="float32", device: str | None = None,
@@ -352,12 +374,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype="float32", device: str | None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    kind, loc = resolve(name)
-    if kind == "built":
-        from . import aliases
-        kind, loc = "folder", str(aliases.BUILDERS[name]())
-    if kind == "embedded":
-        kind, loc = "folder", str(_embedded_folder(loc))
+    kind, loc = model_location(name)
     if kind == "gguf":
         model, tok = load_gguf(loc, dtype=dtype)
         model = rebuild(model)

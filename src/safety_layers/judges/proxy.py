@@ -20,10 +20,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .errors import SafetyLayersError
-from .generation import prefill
-from .models import LoadedModel, load_or_use
-from .prompts import render, resolve_template
+from ..core.errors import SafetyLayersError
+from ..engine.generation import prefill
+from ..core.models import LoadedModel, load_or_use
+from ..core.prompts import render, resolve_template
 
 #: How aligned chat models open a refusal (spec §3.4 A.3.3 and common chat models). Only
 #: each opening's first token matters; many share "I", which also opens helpful replies,

@@ -98,7 +98,7 @@ def environment() -> dict:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     env = {"safety_layers": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
            "transformers": transformers.__version__, "platform": platform.platform(),

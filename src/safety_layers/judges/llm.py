@@ -19,7 +19,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .errors import SafetyLayersError
+from ..core.errors import SafetyLayersError
 from .refusal import Judge, Verdict, register_judge
 
 #: Our paraphrase of the Qi et al. (2023) harmfulness rubric. ``{instruction}`` and

@@ -50,11 +50,11 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from .errors import SafetyLayersError
-from .generation import cache_kwargs, output_cache
-from .layers import LayerRange
-from .models import LoadedModel, cache_dir, find_blocks, load_or_use
-from .prompts import render, resolve_template
+from ..core.errors import SafetyLayersError
+from ..engine.generation import cache_kwargs, output_cache
+from ..core.layers import LayerRange
+from ..core.models import LoadedModel, cache_dir, find_blocks, load_or_use
+from ..core.prompts import render, resolve_template
 
 ALIGN_DATA = "data/align"
 #: Bundled files (under ``safety_layers/data/align``) used when a data field is None.
@@ -442,8 +442,8 @@ def self_distill(lm: LoadedModel, prompts: list[str], tokens: int, template: str
     model balks at are the ones nearest the refusal boundary and the most informative to
     train on. Still refused: None. Returns (examples, dropped, reopened).
     """
-    from .generation import GenerationSettings, generate
-    from .refusal import get_judge
+    from ..engine.generation import GenerationSettings, generate
+    from ..judges.refusal import get_judge
 
     judge = get_judge("keyword")
     settings = GenerationSettings(max_new_tokens=tokens)
@@ -769,8 +769,8 @@ def refusal_rate(lm: LoadedModel, prompts: list[str], max_new_tokens: int = 48, 
     (:func:`evaluate.refusal_rate`, reduced to the counts the align manifest keeps). With
     per-prompt ``labels`` (e.g. ``{"category": "hate", "form": "short"}``) the counts are also
     broken down under ``by`` (see :func:`breakdown`)."""
-    from .evaluate import refusal_rate as over_refusal
-    from .generation import GenerationSettings
+    from ..evaluate.run import refusal_rate as over_refusal
+    from ..engine.generation import GenerationSettings
 
     r = over_refusal(lm, prompts, judges=("keyword",), settings=GenerationSettings(max_new_tokens=max_new_tokens),
                      template=template, progress=progress)
@@ -800,15 +800,15 @@ def breakdown(refused: list[bool], labels: list[dict[str, str]]) -> dict[str, di
 # --------------------------------------------------------------------------- align
 
 def _default_out(model: str) -> Path:
-    from .runs import slug
+    from ..core.runs import slug
     return Path(f"aligned-{slug(model)}")
 
 
 def _save_with_manifest(lm: LoadedModel, out: Path, manifest: dict, overwrite: bool) -> Path:
     """Model, tokenizer and manifest appear together, or not at all: they are written into a
     hidden sibling folder that is renamed into place last."""
-    from .models import save_model
-    from .runs import write_json
+    from ..core.models import save_model
+    from ..core.runs import write_json
 
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.align.", dir=out.parent))
@@ -831,7 +831,7 @@ def align(cfg: AlignConfig | None = None, *, model=None, manifest: dict | None =
     Returns an :class:`AlignResult`; the same facts, plus the environment and any extra
     ``manifest`` fields, go into ``<out>/align_manifest.json``.
     """
-    from .runs import environment
+    from ..core.runs import environment
 
     cfg = cfg or AlignConfig()
     t0 = time.perf_counter()
@@ -881,58 +881,3 @@ def read_manifest(folder: str | Path) -> dict | None:
     """The ``align_manifest.json`` of an aligned model folder, or None if it has none."""
     path = Path(folder) / MANIFEST
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-# --------------------------------------------------------------------------- the demo model
-
-#: Bumped whenever :func:`demo_config` changes, so a cached demo model of an older recipe is rebuilt.
-DEMO_VERSION = 6
-
-
-def demo_config(out: str | Path | None = None) -> AlignConfig:
-    """The recipe of the aligned demo model (see the module docstring and bench/bench_align.py).
-
-    Chosen on the held-out splits and on robustness to the implicit attack: 300 refusals +
-    99 recovery examples against 600 self-distilled answers (benign prompts the base model
-    refuses answered again with a helpful opening) weighted 0.6, two epochs at lr 1e-4, the
-    first 4 reply tokens weighted 4x. v4 trained one epoch and still refused only 93% of its
-    own malicious training prompts; a second epoch raised held-out malicious refusal from 84%
-    to 89% (seed 0), and the recovery examples kept 81% instead of 50-52% through the
-    implicit attack at lr 2e-5 (v5). v6 trains on the bundled refusals that all open with
-    "Sorry", a word no benign answer starts with, so refusing is one decision at the first
-    reply token: held-out benign refusal fell from 9% to 4% (seed 0) and from 8% to 3%
-    (seed 1) at the same malicious refusal, which left room to weigh the benign answers less.
-    """
-    return AlignConfig(model="smollm2-135m-instruct", out=str(out or demo_folder()), overwrite=True,
-                       method="full", n_malicious=300, recovery_fraction=0.33, n_benign=600, answer_tokens=32,
-                       epochs=2.0, lr=1e-4, opening_weight=4.0, benign_weight=0.6, reopen=True, seed=0)
-
-
-def demo_folder() -> Path:
-    return cache_dir() / "models" / "demo"
-
-
-def build_demo(progress: bool = True, rebuild: bool = False) -> Path:
-    """The aligned demo model's folder, built from the bundled model on first use.
-
-    The first call aligns SmolLM2-135M-Instruct with :func:`demo_config` (about 10 minutes
-    on two CPU cores) and caches it in ``cache_dir()/models/demo``; later calls return the
-    folder at once. A folder built by an older recipe version is rebuilt.
-    """
-    folder = demo_folder()
-    manifest = read_manifest(folder) if (folder / "config.json").is_file() else None
-    if manifest is not None and manifest.get("demo_version") == DEMO_VERSION and not rebuild:
-        return folder
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[dim]building the aligned demo model into {folder} (once; about 10 minutes "
-                               "on 2 CPU cores)[/dim]")
-    cfg = demo_config(folder)
-    cfg.progress = progress
-    result = align(cfg, manifest={"demo_version": DEMO_VERSION})
-    mal = result.refusal.get("heldout_malicious", {}).get("rate")
-    ben = result.refusal.get("heldout_benign", {}).get("rate")
-    if mal is not None:
-        Console(stderr=True).print(f"[dim]demo model ready in {result.seconds['total']:.0f} s: refuses {mal:.1%} of "
-                                   f"held-out malicious and {ben:.1%} of held-out benign prompts[/dim]")
-    return folder

@@ -61,9 +61,9 @@ from typing import Literal
 
 import numpy as np
 
-from .distributed import broadcast_from_main, map_sharded, run_on_main, world
-from .errors import SafetyLayersError
-from .layers import LayerRange
+from ..engine.distributed import broadcast_from_main, map_sharded, run_on_main, world
+from ..core.errors import SafetyLayersError
+from ..core.layers import LayerRange
 
 #: the paper's N_u (15-20 refusals of 721 prompts) as a share of the set: 17.5 / 721
 PAPER_STD_SHARE = 17.5 / 721
@@ -163,7 +163,7 @@ class LocateConfig:
                 raise SafetyLayersError(f"{name} must be >= 0, got {value}")
         if self.std_threshold is not None and self.std_threshold < 0:
             raise SafetyLayersError(f"std_threshold must be >= 0 refusals, got {self.std_threshold}")
-        from .scaling import resolve_components
+        from ..core.scaling import resolve_components
 
         resolve_components(self.components)
         if self.sanity_alphas is not None:
@@ -359,7 +359,7 @@ class Journal:
     """
 
     def __init__(self, path: Path | None, w=None):
-        from .runs import read_jsonl
+        from ..core.runs import read_jsonl
 
         self.path, self.w = path, w or world()
         records = (read_jsonl(path) if path is not None else []) if self.w.is_main else None
@@ -375,7 +375,7 @@ class Journal:
         return self.records.get(key)
 
     def add(self, key: tuple, record: dict) -> None:
-        from .runs import append_jsonl
+        from ..core.runs import append_jsonl
 
         self.records[key] = record
         if self.path is not None and self.w.is_main:
@@ -386,7 +386,7 @@ class Journal:
 
 def build_judge(name: str):
     """A refusal judge by name: ``keyword`` (opening rules), ``keyword-gcg``, or any registered judge."""
-    from .refusal import get_judge
+    from ..judges.refusal import get_judge
 
     if name == "keyword":
         return get_judge("keyword", mode="opening")
@@ -404,8 +404,8 @@ class Evaluator:
     """
 
     def __init__(self, lm, cfg: LocateConfig, sets: dict, judge, journal: Journal, bar=None, w=None):
-        from .generation import GenerationSettings
-        from .prompts import resolve_template
+        from ..engine.generation import GenerationSettings
+        from ..core.prompts import resolve_template
 
         self.lm, self.cfg, self.sets, self.judge, self.journal, self.bar = lm, cfg, sets, judge, journal, bar
         self.w = w or world()
@@ -428,7 +428,7 @@ class Evaluator:
 
     def _proxy(self):
         if self.proxy is None:
-            from .proxy import FirstTokenProxy
+            from ..judges.proxy import FirstTokenProxy
 
             self.proxy = FirstTokenProxy(self.lm, template=self.cfg.template, batch_size=self.cfg.batch_size or 128)
         return self.proxy
@@ -443,7 +443,7 @@ class Evaluator:
             if key in self.loaded:
                 self.reused.add(key)
             return rec
-        from .scaling import scaled_layers
+        from ..core.scaling import scaled_layers
 
         if self.bar is not None:
             self.bar.set_postfix_str(f"{which} {rng or 'unscaled'} x{alpha:g} {method}")
@@ -466,7 +466,7 @@ class Evaluator:
 
     def refusals(self, which: str, rng: LayerRange | None, alpha: float = 1.0) -> list[bool]:
         """Per-prompt refused verdicts of generation + judge."""
-        from .evaluate import generate_all
+        from ..evaluate.run import generate_all
 
         prompts = self.sets[which].prompts
 
@@ -519,7 +519,7 @@ class Evaluator:
 # --------------------------------------------------------------------------- the locate step
 
 def _prompt_set(spec, limit, what: str):
-    from .data import load_prompts
+    from ..core.data import load_prompts
 
     ps = load_prompts(spec, limit)
     if len(ps) == 0:
@@ -529,7 +529,7 @@ def _prompt_set(spec, limit, what: str):
 
 def _init_from_analyze(lm, cfg: LocateConfig, journal: Journal, run_dir: Path | None, w) -> LayerRange:
     """The initial range of :func:`analysis.analyze` on the built-in normal/malicious sets (journaled)."""
-    from .analysis import AnalyzeConfig, analyze
+    from ..analysis.run import AnalyzeConfig, analyze
 
     acfg = AnalyzeConfig(model=lm.name, limit=cfg.limit, template=cfg.template, bootstrap=0, probe=False,
                          seed=cfg.seed, paper=cfg.paper, progress=cfg.progress and w.is_main)
@@ -556,7 +556,7 @@ def _calibrate(ev: Evaluator, has_malicious: bool, notes: list[str]) -> dict | N
     """Threshold of the first-token proxy against generation + judge on the unscaled model."""
     import warnings
 
-    from .proxy import choose_threshold
+    from ..judges.proxy import choose_threshold
 
     sets = ["over-rejection"] + (["malicious"] if has_malicious else [])
     scores = np.concatenate([ev.scores(s, None) for s in sets])
@@ -602,8 +602,8 @@ def locate(cfg: LocateConfig | None = None, model=None, run_dir: str | Path | No
     """
     from tqdm.auto import tqdm
 
-    from .models import load_or_use
-    from .runs import environment, write_json
+    from ..core.models import load_or_use
+    from ..core.runs import environment, write_json
 
     cfg = cfg or LocateConfig()
     w = world()
@@ -718,7 +718,7 @@ def locate(cfg: LocateConfig | None = None, model=None, run_dir: str | Path | No
         # 5. proxy vs generation
         spearman = {"rho": None, "n": 0}
         if screen == "proxy" or (proxy_info and proxy_info["used"]):
-            from .stats import spearman as rank_corr
+            from ..core.stats import spearman as rank_corr
 
             gen, prox = ev.journal_counts("over-rejection", "generation"), ev.journal_counts("over-rejection", "proxy")
             both = sorted(set(gen) & set(prox), key=str)
@@ -774,8 +774,8 @@ def _write_samples(ev: Evaluator, run_dir: Path, band: LayerRange, alpha: float,
 
     Texts are taken from this run's memory, or from the generation cache on a resumed run.
     """
-    from .generation import generate
-    from .runs import atomic_write
+    from ..engine.generation import generate
+    from ..core.runs import atomic_write
 
     wanted = [("over-rejection", None, 1.0), ("over-rejection", band, alpha)]
     if sanity is not None:
@@ -789,7 +789,7 @@ def _write_samples(ev: Evaluator, run_dir: Path, band: LayerRange, alpha: float,
         if texts is None:
             if not ev.cfg.cache:
                 continue
-            from .scaling import scaled_layers
+            from ..core.scaling import scaled_layers
 
             if rng is None:
                 texts = [c.text for c in generate(ev.lm, prompts, ev.settings, template=ev.cfg.template,

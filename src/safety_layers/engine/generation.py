@@ -32,9 +32,9 @@ from typing import Literal
 
 import torch
 
-from .errors import SafetyLayersError
-from .models import LoadedModel, cache_dir, load_or_use
-from .prompts import Rendered, render, resolve_template
+from ..core.errors import SafetyLayersError
+from ..core.models import LoadedModel, cache_dir, load_or_use
+from ..core.prompts import Rendered, render, resolve_template
 
 Backend = Literal["hf", "vllm"]
 #: Bumped when a change to the decode loop could change outputs, so old cache entries die.

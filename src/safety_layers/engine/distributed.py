@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, TypeVar
 
-from .errors import SafetyLayersError
+from ..core.errors import SafetyLayersError
 
 T = TypeVar("T")
 

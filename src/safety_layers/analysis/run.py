@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import SafetyLayersError
+from ..core.errors import SafetyLayersError
 
 PAPER_SEEDS = {"nn": 10, "mm": 100, "nm": 1000}
 
@@ -307,7 +307,7 @@ class AnalyzeConfig:
 
 
 def _states(model, cfg: AnalyzeConfig, normal, malicious, tag=""):
-    from .activations import last_token_states
+    from ..engine.activations import last_token_states
 
     hn = last_token_states(model, normal.prompts, cfg.template, final_norm=cfg.final_norm,
                            progress=cfg.progress, desc=f"{tag}normal")
@@ -322,9 +322,9 @@ def analyze(cfg: AnalyzeConfig | None = None, *, model=None, run_dir=None) -> An
     ``model`` may be a loaded model (notebooks reuse one across steps); otherwise
     ``cfg.model`` is loaded.
     """
-    from .data import load_prompts
-    from .models import load_or_use
-    from .runs import environment, write_json
+    from ..core.data import load_prompts
+    from ..core.models import load_or_use
+    from ..core.runs import environment, write_json
 
     cfg = cfg or AnalyzeConfig()
     normal = load_prompts(cfg.normal, cfg.limit).require(2, "normal prompts")

@@ -43,9 +43,9 @@ from typing import Literal
 
 import torch
 
-from .errors import SafetyLayersError
-from .layers import LayerRange
-from .models import PAPER_COMPONENTS, Blocks
+from ..core.errors import SafetyLayersError
+from ..core.layers import LayerRange
+from ..core.models import PAPER_COMPONENTS, Blocks
 
 METHODS = ("sppft", "full", "freeze", "lora", "sppft-lora")
 BAND_METHODS = ("sppft", "freeze", "sppft-lora")
@@ -159,7 +159,7 @@ def parse_finetune_args(argv: list[str] | None = None):
 
 
 def _default_run_dir(cfg: FinetuneConfig) -> Path:
-    from .runs import slug
+    from ..core.runs import slug
 
     return Path("runs") / f"finetune-{slug(cfg.model)}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -244,15 +244,10 @@ def skeleton(name: str) -> torch.nn.Module:
     need parameter names and layer counts only, so an 8B model costs nothing to describe."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models import _embedded_folder, load_model, resolve
+    from ..core.models import load_model, model_location
 
-    kind, loc = resolve(name)
-    if kind == "embedded":
-        loc = str(_embedded_folder(loc))
-    elif kind == "built":
-        from . import aliases
-        loc = str(aliases.BUILDERS[name]())
-    elif kind == "gguf":
+    kind, loc = model_location(name)
+    if kind == "gguf":
         return load_model(name).model
     try:
         config = AutoConfig.from_pretrained(loc)
@@ -263,7 +258,7 @@ def skeleton(name: str) -> torch.nn.Module:
 
 
 def _blocks_of(model) -> tuple[torch.nn.Module, Blocks]:
-    from .models import LoadedModel, find_blocks
+    from ..core.models import LoadedModel, find_blocks
 
     if isinstance(model, str):
         model = skeleton(model)
@@ -338,7 +333,7 @@ def export_axolotl(band: LayerRange | str, model, freeze_norms: bool = False) ->
     """
     import yaml
 
-    from . import __version__
+    from .. import __version__
 
     module, blocks = _blocks_of(model)
     band = LayerRange.parse(band).check(len(blocks))
@@ -369,7 +364,7 @@ def tokenize_rows(rows: list[dict], tokenizer, template: str = "chat", max_lengt
     Prompt and response are tokenized apart and joined, so the mask boundary is exact,
     and every example ends with the tokenizer's own EOS id.
     """
-    from .prompts import render, resolve_template
+    from ..core.prompts import render, resolve_template
 
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
@@ -677,8 +672,8 @@ def prepare(cfg: FinetuneConfig, training_args=None, *, model=None, callbacks=No
     """
     from transformers import Trainer
 
-    from .models import load_model, load_or_use
-    from .scenarios import read_records, sha256_file
+    from ..core.models import load_model, load_or_use
+    from ..scenarios import read_records, sha256_file
 
     if training_args is None:
         training_args = default_training_args(_default_run_dir(cfg))
@@ -761,7 +756,7 @@ def optimizer_state_bytes(optimizer) -> int:
 
 def _save_final(prep: Prepared, manifest: dict) -> None:
     """Write the final folder under a temporary name on every process, rename it on the main one."""
-    from .runs import write_json
+    from ..core.runs import write_json
 
     trainer, out = prep.trainer, prep.out
     partial = out.with_name(f".{out.name}.partial")
@@ -790,7 +785,7 @@ def _save_final(prep: Prepared, manifest: dict) -> None:
 
 def train_and_save(prep: Prepared) -> FinetuneResult:
     """Train the prepared run (resuming if asked) and write the final folder and run files."""
-    from .runs import environment, to_jsonable, write_json
+    from ..core.runs import environment, to_jsonable, write_json
 
     t0 = time.time()
     fingerprint_before = prep.lm.fingerprint() if prep.cfg.method not in LORA_METHODS else None

@@ -7,7 +7,7 @@ Protocol (:func:`run_experiment`):
 2. evaluate the untuned model once (``baseline/eval``);
 3. build each scenario's training file from the benign instruction file (``data/``);
 4. for every cell (scenario, method, lr, seed): fine-tune a fresh copy of the model,
-   evaluate it, compute its drift diagnostics (:mod:`safety_layers.drift`), delete the tuned
+   evaluate it, compute its drift diagnostics (:mod:`safety_layers.experiment.drift`), delete the tuned
    weights (unless ``keep_models``) and write ``cells/<id>/cell.json``;
 5. aggregate the cells into ``results.json`` / ``results.md``: every metric before and after,
    the change, and the mean over seeds with a 95% Student-t interval, clipped to the metric's
@@ -44,8 +44,8 @@ import traceback
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .errors import SafetyLayersError
-from .layers import LayerRange
+from ..core.errors import SafetyLayersError
+from ..core.layers import LayerRange
 
 EXPERIMENT_VERSION = 1
 BASE_METHODS = ("full", "sppft", "freeze-before", "freeze-after", "lora", "sppft-lora")
@@ -165,14 +165,14 @@ class ExperimentConfig:
     # ----- sections as the dataclasses they fill
 
     def evaluate_config(self, progress: bool = True):
-        from .evaluate import EvaluateConfig
+        from ..evaluate.run import EvaluateConfig
 
         _check_keys("evaluate", self.evaluate, _fields(EvaluateConfig, _SECTION_SKIP))
         base = {"template": self.template, "paper": self.paper}
         return EvaluateConfig(**{**base, **self.evaluate, "model": self.model, "progress": progress})
 
     def analyze_config(self, progress: bool = True):
-        from .analysis import AnalyzeConfig
+        from ..analysis.run import AnalyzeConfig
 
         section = self.analysis or {}
         _check_keys("analysis", section, _fields(AnalyzeConfig, _SECTION_SKIP))
@@ -443,7 +443,7 @@ def results_markdown(results: dict, title: str = "SPPFT experiment") -> str:
 
 def write_results(run_dir: str | Path, order: list[Cell] | None = None) -> dict:
     """Aggregate every cells/*/cell.json of a run into results.json and results.md."""
-    from .runs import atomic_write, write_json
+    from ..core.runs import atomic_write, write_json
 
     run = Path(run_dir)
     exp = json.loads((run / "experiment.json").read_text(encoding="utf-8"))
@@ -500,7 +500,7 @@ def _protocol(config: dict) -> dict:
 
 def _open_run(run: Path, cfg: ExperimentConfig) -> dict:
     """Create the run folder or reopen it for resuming (same protocol only)."""
-    from .runs import environment, to_jsonable, write_json
+    from ..core.runs import environment, to_jsonable, write_json
 
     config = json.loads(json.dumps(to_jsonable(cfg)))
     if (run / "experiment.json").is_file():
@@ -554,7 +554,7 @@ class _Experiment:
     # ----- model and band
 
     def load_base(self):
-        from .models import load_model, load_or_use
+        from ..core.models import load_model, load_or_use
 
         if self.base is None:
             if self._given is not None:
@@ -569,13 +569,13 @@ class _Experiment:
 
     def fresh_copy(self):
         """A deep copy of the untuned model for one cell (the untuned one is never trained)."""
-        from .models import LoadedModel, find_blocks
+        from ..core.models import LoadedModel, find_blocks
 
         model = copy.deepcopy(self.base.model)
         return LoadedModel(model, self.base.tokenizer, self.base.name, self.base.source, find_blocks(model))
 
     def run_analysis(self) -> dict:
-        from .analysis import analyze
+        from ..analysis.run import analyze
 
         path = self.run / "analysis" / "result.json"
         if path.is_file():
@@ -591,7 +591,7 @@ class _Experiment:
 
     def run_locate(self) -> dict:
         try:
-            from .locate import LocateConfig, locate
+            from ..locate.run import LocateConfig, locate
         except ImportError:
             raise SafetyLayersError("locate is not available in this installation: give band: START-END "
                                     "instead of a locate section") from None
@@ -641,7 +641,7 @@ class _Experiment:
     # ----- baseline
 
     def baseline(self) -> dict:
-        from .evaluate import EvaluateResult, evaluate
+        from ..evaluate.run import EvaluateResult, evaluate
 
         path = self.run / "baseline" / "eval" / "result.json"
         if path.is_file():
@@ -658,7 +658,7 @@ class _Experiment:
     # ----- data
 
     def scenario_data(self, scenario: str) -> Path:
-        from .scenarios import build_scenario, manifest_path
+        from ..scenarios import build_scenario, manifest_path
 
         out = self.run / "data" / f"{scenario}.jsonl"
         if out.is_file() and manifest_path(out).is_file():
@@ -696,7 +696,7 @@ class _Experiment:
     def training_args(self, cell: Cell, output_dir: Path):
         import torch
 
-        from .finetune import default_training_args
+        from ..finetune.run import default_training_args
 
         args = dict(per_device_train_batch_size=self.cfg.batch_size, num_train_epochs=self.cfg.epochs,
                     learning_rate=cell.lr, warmup_steps=self.cfg.warmup_steps,
@@ -708,9 +708,9 @@ class _Experiment:
         return default_training_args(output_dir, **args)
 
     def run_cell(self, cell: Cell, data: Path) -> dict:
-        from . import finetune as ft
-        from .evaluate import evaluate
-        from .runs import to_jsonable
+        from ..finetune import run as ft
+        from ..evaluate.run import evaluate
+        from ..core.runs import to_jsonable
 
         cdir = self.run / "cells" / cell.id
         seconds: dict[str, float] = {}
@@ -742,14 +742,14 @@ class _Experiment:
             t = time.perf_counter()
             try:
                 d = self.drift_runner().cell(tuned, frozen)
-                from .runs import write_json
+                from ..core.runs import write_json
 
                 write_json(cdir / "drift.json", {"scenario": cell.scenario, "method": cell.method, "lr": cell.lr,
                                                  "seed": cell.seed, **d})
                 record["drift"] = drift_summary(d)
                 self.log(f"  drift: {describe_drift(record['drift'])}")
             except Exception as e:  # noqa: BLE001 - drift is a diagnostic; the cell's metrics stand
-                from .runs import atomic_write
+                from ..core.runs import atomic_write
 
                 record["drift_error"] = f"{type(e).__name__}: {e}"
                 atomic_write(cdir / "drift_error.txt", traceback.format_exc())
@@ -767,7 +767,7 @@ class _Experiment:
     def drift_for_kept(self, cells: list[str] | None = None) -> dict | None:
         """Drift for finished cells whose tuned model is on disk and that have no drift.json yet."""
         from .drift import write_drift
-        from .runs import write_json
+        from ..core.runs import write_json
 
         exp = read_experiment(self.run)
         if not exp.get("band"):
@@ -804,8 +804,8 @@ class _Experiment:
 
 def _tuned_model(prep):
     """The trained model as a LoadedModel ready to generate (LoRA merged into the weights)."""
-    from .finetune import LORA_METHODS
-    from .models import LoadedModel, find_blocks
+    from ..finetune.run import LORA_METHODS
+    from ..core.models import LoadedModel, find_blocks
 
     model = prep.model
     if prep.cfg.method in LORA_METHODS:
@@ -820,7 +820,7 @@ def _tuned_model(prep):
 
 def _load_tuned(folder: Path, base):
     """A kept tuned model: a full model folder, or a LoRA adapter applied to a copy of ``base``."""
-    from .models import LoadedModel, find_blocks, load_model
+    from ..core.models import LoadedModel, find_blocks, load_model
 
     manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8")) \
         if (folder / "manifest.json").is_file() else {}
@@ -906,7 +906,7 @@ def run_experiment(cfg: ExperimentConfig | dict, run_dir: str | Path | None = No
     trained: every cell tunes a deep copy).
     """
     from .drift import write_drift
-    from .runs import slug, write_json
+    from ..core.runs import slug, write_json
 
     t0 = time.perf_counter()
     if not isinstance(cfg, ExperimentConfig):
@@ -961,7 +961,7 @@ def run_experiment(cfg: ExperimentConfig | dict, run_dir: str | Path | None = No
         except Exception as e:  # noqa: BLE001 - one failing cell must not stop the grid
             rec.update(status="failed", error=f"{type(e).__name__}: {e}" if not isinstance(e, SafetyLayersError)
                        else str(e))
-            from .runs import atomic_write
+            from ..core.runs import atomic_write
 
             atomic_write(run / "cells" / cell.id / "error.txt", traceback.format_exc())
             failed += 1

@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import SafetyLayersError
+from ..core.errors import SafetyLayersError
 
 
 @dataclass
@@ -81,10 +81,10 @@ def _split(rows: list[dict], holdout: int, seed: int = 0) -> tuple[list[dict], l
 
 def self_distilled_rows(reference: str, tokens: int, progress: bool = True, log=print) -> list[dict]:
     """The built-in ``normal`` prompts answered greedily by ``reference``; its refusals are dropped."""
-    from .data import load_prompts
-    from .generation import GenerationSettings, generate
-    from .models import load_model
-    from .refusal import get_judge
+    from ..core.data import load_prompts
+    from ..engine.generation import GenerationSettings, generate
+    from ..core.models import load_model
+    from ..judges.refusal import get_judge
 
     prompts = load_prompts("normal").prompts
     log(f"[bold]data[/bold] self-distilling answers to {len(prompts)} built-in prompts from {reference} "
@@ -100,7 +100,7 @@ def self_distilled_rows(reference: str, tokens: int, progress: bool = True, log=
 
 def benign_files(cfg: DemoConfig, run: Path, log=print) -> tuple[Path, Path | None]:
     """(training file, Rouge-L reference file or None) in ``run/inputs``, built once."""
-    from .runs import atomic_write, write_json
+    from ..core.runs import atomic_write, write_json
 
     folder = run / "inputs"
     train, quality, source = folder / "benign.jsonl", folder / "quality.jsonl", folder / "source.json"
@@ -113,7 +113,7 @@ def benign_files(cfg: DemoConfig, run: Path, log=print) -> tuple[Path, Path | No
         if train.is_file() and (quality.is_file() or not cfg.holdout):
             return train, quality if cfg.holdout else None
     if cfg.data:
-        from .scenarios import read_records
+        from ..scenarios import read_records
 
         rows = read_records(cfg.data, dedupe=True).rows
         log(f"[bold]data[/bold] {len(rows)} benign rows from {cfg.data}")
@@ -131,13 +131,13 @@ def benign_files(cfg: DemoConfig, run: Path, log=print) -> tuple[Path, Path | No
     return train, quality if held else None
 
 
-def experiment_config(cfg: DemoConfig, train: Path, quality: Path | None, locate_available: bool):
-    from .experiment import ExperimentConfig
+def experiment_config(cfg: DemoConfig, train: Path, quality: Path | None):
+    from ..experiment.run import ExperimentConfig
 
     rows = sum(1 for line in train.read_text(encoding="utf-8").splitlines() if line.strip())
     n = None if cfg.n is None or cfg.n >= rows else cfg.n
     locate = None
-    if cfg.band is None and locate_available:
+    if cfg.band is None:
         locate = dict(cfg.locate)
     evaluate = {"limit": cfg.eval_limit, "max_new_tokens": cfg.max_new_tokens}
     if quality is not None:
@@ -152,10 +152,9 @@ def experiment_config(cfg: DemoConfig, train: Path, quality: Path | None, locate
 
 def run_demo(cfg: DemoConfig | None = None) -> Path:
     """Run the demo pipeline (see the module docstring); returns the run folder."""
-    import importlib.util
     import time
 
-    from .experiment import _Log, run_experiment
+    from ..experiment.run import _Log, run_experiment
 
     cfg = cfg or DemoConfig()
     t0 = time.perf_counter()
@@ -163,7 +162,8 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
     run = Path(cfg.out)
     log(f"[bold]safety-layers demo[/bold] -> {run}")
     if cfg.model == "demo":
-        from .align import DEMO_VERSION, demo_folder, read_manifest
+        from ..align.run import read_manifest
+        from .demo_model import DEMO_VERSION, demo_folder
 
         folder = demo_folder()
         man = read_manifest(folder) if (folder / "config.json").is_file() else None
@@ -171,20 +171,13 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
             log("[bold]model[/bold] the aligned demo model is built on this first run (about 10 minutes on "
                 "2 CPU cores), then cached")
     train, quality = benign_files(cfg, run, log)
-    locate_available = importlib.util.find_spec("safety_layers.locate") is not None
-    if cfg.band is None and not locate_available:
-        log("[yellow]note:[/yellow] safety_layers.locate is not installed; the band is the analysis' initial range")
-    result = run_experiment(experiment_config(cfg, train, quality, locate_available), run, progress=cfg.progress)
+    result = run_experiment(experiment_config(cfg, train, quality), run, progress=cfg.progress)
     _print_summary(result, log)
     if cfg.report:
-        if importlib.util.find_spec("safety_layers.report") is None:
-            log("[yellow]note:[/yellow] safety_layers.report is not installed: no report written "
-                f"(results are in {run / 'results.md'})")
-        else:
-            from .report import write_report
+        from ..report.run import write_report
 
-            report = write_report(run)
-            log(f"[bold]report[/bold] {getattr(report, 'html', report)}")
+        report = write_report(run)
+        log(f"[bold]report[/bold] {report.html}")
     log(f"[bold]demo done[/bold] in {time.perf_counter() - t0:.0f} s: {run}")
     return run
 
@@ -192,7 +185,7 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
 def _print_summary(result, log) -> None:
     from rich.table import Table
 
-    from .experiment import METRIC_LABELS, _fmt
+    from ..experiment.run import METRIC_LABELS, _fmt
 
     res = result.results
     if not res["rows"]:

@@ -26,9 +26,9 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import SafetyLayersError
-from .experiment import EXPERIMENT_VERSION  # a light import: experiment loads torch only inside its functions
-from .runs import atomic_write
+from ..core.errors import SafetyLayersError
+from ..experiment.run import EXPERIMENT_VERSION  # a light import: experiment loads torch only inside its functions
+from ..core.runs import atomic_write
 
 #: ``experiment.json`` format versions this module can read: the one :mod:`experiment` writes.
 EXPERIMENT_VERSIONS = (EXPERIMENT_VERSION,)
@@ -282,7 +282,7 @@ def _save(fig, path: Path, dpi: int) -> None:
 
 
 def _analyze_object(d: dict):
-    from .analysis import AnalyzeResult, Curves
+    from ..analysis.run import AnalyzeResult, Curves
 
     def build(cls, data):
         names = {f.name for f in dataclasses.fields(cls)}
@@ -292,13 +292,13 @@ def _analyze_object(d: dict):
 
 
 def _draw_analysis(path: Path, d: dict, dpi: int) -> None:
-    from .plots import plot_analysis
+    from ..analysis.plots import plot_analysis
 
     plot_analysis(_analyze_object(d), path)
 
 
 def _draw_probe(path: Path, d: dict, dpi: int) -> None:
-    from .plots import plot_probe
+    from ..analysis.plots import plot_probe
 
     plot_probe(_analyze_object(d), path)
 
@@ -789,7 +789,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None,
     ``out`` is a folder or an ``.html`` path (default: the run folder); figures the report
     draws itself go to ``report-figures/`` beside the HTML, so the Markdown can link them.
     """
-    from . import __version__
+    from .. import __version__
 
     cfg = cfg or ReportConfig(run=str(run_dir))
     run = Path(run_dir)

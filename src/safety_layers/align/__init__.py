@@ -1,0 +1,5 @@
+"""Safety alignment by supervised fine-tuning: how a model without refusals gets them."""
+
+from .run import AlignConfig, AlignResult, align
+
+__all__ = ["AlignConfig", "AlignResult", "align"]
