@@ -12,9 +12,12 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
+import tempfile
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import SafetyLayersError
@@ -48,6 +51,43 @@ def atomic_write(path: str | Path, text: str | bytes) -> Path:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+@contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False):
+    """Yield an empty temporary sibling of ``out`` to fill; it replaces ``out`` only when the
+    block ends without an exception, so a crash never leaves a half-written folder that a
+    later step would load. An existing ``out`` needs ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise SafetyLayersError(f"{out} exists: choose another folder or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            if not overwrite:
+                raise SafetyLayersError(f"{out} appeared while this run wrote it: choose another folder or pass --overwrite")
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: str | Path, what: str = "result") -> dict:
+    """A JSON object from a file a run wrote, or one line naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise SafetyLayersError(f"{what} file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SafetyLayersError(f"{path} is not valid JSON ({getattr(e, 'msg', type(e).__name__)}): "
+                                f"rerun the step that writes the {what}") from None
+    if not isinstance(data, dict):
+        raise SafetyLayersError(f"{path} holds a {type(data).__name__}, not a JSON object: rerun the step that "
+                                f"writes the {what}")
+    return data
 
 
 def write_json(path: str | Path, obj) -> Path:
