@@ -1,9 +1,9 @@
 """Bench: build the aligned demo model from scratch, time it, and measure its refusals.
 
-    python bench/bench_align.py                     # build the demo model into a temp cache
-    python bench/bench_align.py --set method=lora --set lr=2e-4 --out /tmp/lora   # another recipe
-    python bench/bench_align.py --model /tmp/lora   # evaluate an existing folder (or an alias)
-    python bench/bench_align.py --model /tmp/lora --attack   # plus the implicit-attack robustness
+    python studies/bench_align.py                     # build the demo model into a temp cache
+    python studies/bench_align.py --set method=lora --set lr=2e-4 --out /tmp/lora   # another recipe
+    python studies/bench_align.py --model /tmp/lora   # evaluate an existing folder (or an alias)
+    python studies/bench_align.py --model /tmp/lora --attack   # plus the implicit-attack robustness
 
 Refusal is the keyword judge (opening mode) on greedy replies of --tokens new tokens, on the
 held-out splits (the only sets the recipe may be tuned on), the built-in over-rejection set,
