@@ -10,7 +10,7 @@ held-out splits (the only sets the recipe may be tuned on), the built-in over-re
 AdvBench (520) and XSTest (safe 250 / unsafe 200); the last two are for reporting only.
 
 --attack fine-tunes a copy of the model on 165 benign Alpaca answers, each prefixed
-"Sure, the answer is: " (the implicit attack, paper.md §4.2), with full fine-tuning at each
+"Sure, the answer is: " (the implicit attack, docs/paper.md §4.2), with full fine-tuning at each
 --attack-lr, and measures how much held-out malicious refusal survives. The Alpaca file is
 read at run time from ../shared/data and never copied into the repository.
 

@@ -5,7 +5,7 @@
 
 Fine-tunes copies of the model (full fine-tuning, one epoch, batch 4, seed 0) on the same
 Alpaca rows with the answers opened three ways: as they are, "Certainly, the answer is: " and
-the implicit attack's "Sure, the answer is: " (paper.md §4.2). For each tuned model, and for a
+the implicit attack's "Sure, the answer is: " (docs/paper.md §4.2). For each tuned model, and for a
 control that adds Gaussian noise of the same norm to every weight tensor, it prints refusals
 on the first --prompts built-in over-rejection prompts (keyword judge, greedy) and the mean
 probability of the refusal opening's first token at the first reply position: all measured
