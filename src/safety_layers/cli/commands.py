@@ -191,14 +191,12 @@ def _trainer_parser():
 
 def _split_yaml(path: str | None, values: dict, ours: set[str], trainer: set[str]) -> tuple[dict, dict]:
     """A finetune YAML holds fields of FinetuneConfig and of TrainingArguments, flat."""
-    import difflib
+    from ..core.config import unknown_key_error
 
     for key in values:
         if key not in ours and key not in trainer:
-            close = difflib.get_close_matches(str(key), sorted(ours | trainer), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SafetyLayersError(f"unknown key {key!r} in {path}{hint}; allowed: {', '.join(sorted(ours))} "
-                                    "and every TrainingArguments field (safety-layers finetune --trainer-help)")
+            raise unknown_key_error(path, key, ours | trainer, shown=f"{', '.join(sorted(ours))} and every "
+                                    "TrainingArguments field (safety-layers finetune --trainer-help)")
     return ({k: v for k, v in values.items() if k in ours},
             {k: v for k, v in values.items() if k in trainer and k not in ours})
 
