@@ -94,6 +94,32 @@ def real_model():
     return load_model("smollm2-135m-instruct")
 
 
+@pytest.fixture(autouse=True)
+def demo_build_guard(monkeypatch, tmp_path_factory):
+    """Tests name their model: reaching the 'demo' alias fails, unless the test pointed the
+    cache at a temporary folder (then whatever it stubbed builds there, not in the user's cache)."""
+    import importlib
+
+    from safety_layers.core.models import cache_dir
+    from safety_layers.core.registry import BUILT_MODELS
+
+    entry = BUILT_MODELS._entries.get("demo")
+    if entry is None:
+        return
+    base = tmp_path_factory.getbasetemp().resolve()
+
+    def guarded():
+        if base not in cache_dir().resolve().parents:
+            raise AssertionError("a test reached the 'demo' model: pass a model explicitly "
+                                 "(e.g. smollm2-135m-instruct or a tiny model)")
+        if isinstance(entry, str):
+            module, _, attr = entry.partition(":")
+            return getattr(importlib.import_module(module), attr)()
+        return entry()
+
+    monkeypatch.setitem(BUILT_MODELS._entries, "demo", guarded)
+
+
 @pytest.fixture
 def shared_data():
     if not SHARED_DATA.is_dir():

@@ -10,8 +10,10 @@ from safety_layers.cli.main import main
 @pytest.mark.slow
 def test_analyze_on_the_bundled_model(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["analyze", "--model", "smollm2-135m-instruct", "--limit", "12", "--pairs", "50", "--bootstrap", "10",
-               "--out", str(out), "--no-progress"])
+    settings = tmp_path / "analyze.yaml"       # research sizes are YAML-only
+    settings.write_text("pairs: 50\nbootstrap: 10\nprogress: false\n")
+    rc = main(["analyze", "--model", "smollm2-135m-instruct", "--config", str(settings), "--limit", "12",
+               "--out", str(out)])
     assert rc == 0
     result = json.loads((out / "result.json").read_text())
     assert result["num_layers"] == 30 and result["n_normal"] == 12 and result["n_malicious"] == 12

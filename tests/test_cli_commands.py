@@ -8,19 +8,22 @@ user's cache; building the demo model is made to fail loudly instead of taking 1
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sysconfig
+import typing
 from importlib import resources
 from pathlib import Path
 
 import pytest
 import torch
 
-from safety_layers.core.registry import BUILT_MODELS
-from safety_layers.cli.main import COMMANDS, _finetune_argv, build_config, main, make_parser
+from safety_layers.cli.args import build_config
+from safety_layers.cli.main import COMMANDS, main, make_parser
 from safety_layers.core.models import DEFAULT_MODEL, cache_dir
+from safety_layers.core.registry import BUILT_MODELS
 
 BARE = ["--model", DEFAULT_MODEL]
 HEAVY = ("transformers", "peft", "matplotlib", "sklearn", "datasets", "accelerate")
@@ -82,12 +85,12 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def test_help_of_every_command(capsys):
-    for name in COMMANDS:
+    for name, cmd in COMMANDS.items():
         assert main([name, "--help"]) == 0
         out = capsys.readouterr().out
         assert out.startswith(f"usage: safety-layers {name}")
         # config-driven commands take --config; experiment and report take a positional file / folder
-        expected = "--config" if COMMANDS[name].config else {"experiment": "config", "report": "run"}[name]
+        expected = "--config" if cmd.config and cmd.yaml else {"experiment": "config", "report": "run"}[name]
         assert expected in out.split("\n\n")[0], (name, expected)
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -100,9 +103,11 @@ def test_help_of_every_command(capsys):
     assert "--method {sppft,full,freeze,lora,sppft-lora}" in out  # a Literal field becomes choices
     main(["align", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--method {full,lora}" in out and "base chat model to align (default: smollm2-135m-instruct)" in out
+    assert "--method {full,lora}" in out and "(default: smollm2-135m-instruct)" in out
     main(["scenario", "--help"])
-    assert "backdoor (D_B)" in capsys.readouterr().out  # a command's own help for a field without metadata
+    out = capsys.readouterr().out
+    assert "backdoor (D_B)" in out                      # the help of the field, from its metadata
+    assert "--trigger" not in out and "--prefix" not in out   # cli=False fields stay YAML-only
 
 
 def test_console_script_help_is_light():
@@ -119,24 +124,101 @@ def test_console_script_help_is_light():
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
 
 
-def test_model_defaults(tmp_path):
-    for name, model in (("analyze", "demo"), ("evaluate", "demo"), ("align", DEFAULT_MODEL)):
-        cmd = COMMANDS[name]
-        args = make_parser(only=name).parse_args([name])
-        assert build_config(cmd.config_class(), args, cmd.defaults).model == model
+@dataclasses.dataclass
+class _Toy:
+    """A config with one field of each kind the flag builder handles."""
+
+    model: str = dataclasses.field(default="m", metadata={"help": "the model"})
+    mode: typing.Literal["a", "b"] = dataclasses.field(default="a", metadata={"help": "a mode"})
+    steps: int | None = dataclasses.field(default=None, metadata={"help": "steps"})
+    names: list = dataclasses.field(default_factory=list, metadata={"help": "names"})
+    fast: bool = dataclasses.field(default=True, metadata={"help": "go fast"})
+    template: str | None = dataclasses.field(default=None, metadata={
+        "help": "template", "default": "chat", "paper": "alpaca"})
+    knob: float = dataclasses.field(default=0.5, metadata={"help": "a research knob", "cli": False})
+    nested: dict = dataclasses.field(default_factory=dict, metadata={"help": "nested settings"})
+    paper: bool = dataclasses.field(default=False, metadata={"help": "paper mode"})
+    paper_set: list = dataclasses.field(init=False, default_factory=list, metadata={"cli": False})
+
+    def __post_init__(self):
+        from safety_layers.core.config import settle
+
+        self.paper_set = settle(self)
+
+
+def test_flags_come_from_the_config_fields(tmp_path, capsys):
+    import argparse
+
+    from safety_layers.cli.args import add_config_args
+    from safety_layers.cli.commands import paper_note
+    from safety_layers.core.errors import SafetyLayersError
+
+    p = argparse.ArgumentParser(prog="toy")
+    add_config_args(p, _Toy)
+    text = " ".join(p.format_help().split())
+    assert "--mode {a,b}" in text and "--fast, --no-fast go fast (default: on)" in text
+    assert "template (default: chat; paper: alpaca)" in text and "names (comma-separated)" in text
+    assert "--knob" not in text and "--nested" not in text and "--paper-set" not in text
+    cfg = build_config(_Toy, p.parse_args(["--names", "x, y", "--no-fast", "--steps", "3"]))
+    assert (cfg.names, cfg.fast, cfg.steps, cfg.template, cfg.paper_set) == (["x", "y"], False, 3, "chat", [])
+
+    yaml = tmp_path / "t.yaml"
+    yaml.write_text("knob: 0.9\nnested: {a: 1}\nfast: false\npaper: true\n")
+    cfg = build_config(_Toy, p.parse_args(["--config", str(yaml), "--fast"]))
+    assert (cfg.knob, cfg.nested, cfg.fast) == (0.9, {"a": 1}, True)        # YAML-only fields; a flag wins
+    assert (cfg.template, cfg.paper_set) == ("alpaca", ["template=alpaca"])
+    paper_note(cfg)
+    assert capsys.readouterr().out == "paper mode set: template=alpaca\n"
+    cfg = build_config(_Toy, p.parse_args(["--paper", "--template", "plain"]))
+    assert (cfg.template, cfg.paper_set) == ("plain", [])                    # paper mode keeps what was set
+    paper_note(cfg)
+    assert capsys.readouterr().out == ""
+    yaml.write_text("knobb: 1\n")
+    with pytest.raises(SafetyLayersError, match=r"unknown key 'knobb' in .*t\.yaml \(did you mean 'knob'\?\)"):
+        build_config(_Toy, p.parse_args(["--config", str(yaml)]))
+
+
+#: The default model of each command, the same in the CLI and the API (common.md).
+DEFAULT_MODELS = {"analyze": "demo", "locate": "demo", "evaluate": "demo", "finetune": "demo", "demo": "demo",
+                  "align": DEFAULT_MODEL}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULT_MODELS))
+def test_model_defaults_match_the_api(name):
+    cmd = COMMANDS[name]
+    cls = cmd.config_class()
+    cli = build_config(cls, make_parser(only=name).parse_known_args([name])[0])
+    assert cli.model == cls().model == DEFAULT_MODELS[name]
+
+
+def test_yaml_then_flags(tmp_path):
     yaml = tmp_path / "e.yaml"
     yaml.write_text("model: some/folder\nlimit: 3\n")
     args = make_parser(only="evaluate").parse_args(["evaluate", "--config", str(yaml), "--limit", "5"])
-    cfg = build_config(COMMANDS["evaluate"].config_class(), args, COMMANDS["evaluate"].defaults)
+    cfg = build_config(COMMANDS["evaluate"].config_class(), args)
     assert (cfg.model, cfg.limit) == ("some/folder", 5)  # defaults < YAML < flags
+    yaml.write_text("scenario: backdoor\ntrigger: zqx vorp\n")      # a YAML-only field
+    args = make_parser(only="scenario").parse_args(["scenario", "--config", str(yaml), "--seed", "3"])
+    cfg = build_config(COMMANDS["scenario"].config_class(), args)
+    assert (cfg.scenario, cfg.trigger, cfg.seed, cfg.p) == ("backdoor", "zqx vorp", 3, 0.1)
 
-    assert _finetune_argv(["--data", "d.jsonl"])[:2] == ["--model", "demo"]
-    assert "demo" not in _finetune_argv(["--model=x", "--data", "d.jsonl"])
-    ft_yaml = tmp_path / "f.yaml"
-    ft_yaml.write_text("model: some/folder\n")
-    assert "demo" not in _finetune_argv(["--config", str(ft_yaml)])
-    # our --no-x spelling of a default-off bool reaches HfArgumentParser as --x false
-    assert _finetune_argv(BARE + ["--no-freeze-norms"])[-2:] == ["--freeze_norms", "false"]
+
+def test_finetune_splits_its_flags_from_the_trainers(tmp_path):
+    from safety_layers.cli.commands import _split_yaml, training_arguments
+    from safety_layers.core.errors import SafetyLayersError
+
+    parser = make_parser(only="finetune")
+    args, rest = parser.parse_known_args(["finetune", "--data", "d.jsonl", "--learning-rate", "2e-5",
+                                          "--max_steps", "3", "--method", "full"])
+    assert (args.data, args.method) == ("d.jsonl", "full")
+    targs = training_arguments({"output_dir": str(tmp_path / "run"), "seed": 7}, rest)
+    assert (targs.learning_rate, targs.max_steps, targs.seed) == (2e-5, 3, 7)
+    ours, theirs = _split_yaml("f.yaml", {"method": "lora", "warmup_steps": 5}, {"method"}, {"warmup_steps"})
+    assert (ours, theirs) == ({"method": "lora"}, {"warmup_steps": 5})
+    with pytest.raises(SafetyLayersError, match="did you mean 'method'"):
+        _split_yaml("f.yaml", {"methd": "lora"}, {"method"}, {"warmup_steps"})
+    with pytest.raises(SafetyLayersError, match="--bogus.*--trainer-help"):
+        training_arguments({"output_dir": str(tmp_path / "run")}, ["--bogus", "1"])
 
 
 # --------------------------------------------------------------------------- scenario
@@ -177,8 +259,10 @@ def test_scenario_implicit_and_backdoor(tmp_path, capsys):
 @pytest.mark.slow
 def test_evaluate_on_the_bundled_model(tmp_path, capsys):
     run = tmp_path / "eval"
-    rc = main(["evaluate", *BARE, "--limit", "4", "--max-new-tokens", "10", "--judges", "keyword,keyword-gcg",
-               "--out", str(run), "--no-progress"])
+    settings = tmp_path / "eval.yaml"
+    settings.write_text("progress: false\n")
+    rc = main(["evaluate", *BARE, "--config", str(settings), "--limit", "4", "--max-new-tokens", "10",
+               "--judges", "keyword,keyword-gcg", "--out", str(run)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     result = json.loads((run / "result.json").read_text())
@@ -231,10 +315,12 @@ def _heldout(tmp_path: Path, name: str, n: int = 4) -> str:
 @pytest.mark.slow
 def test_align_on_the_bundled_model(tmp_path, capsys):
     out = tmp_path / "aligned"
-    argv = ["align", *BARE, "--n-malicious", "8", "--n-benign", "8", "--answer-tokens", "8", "--epochs", "0.25",
-            "--batch-size", "4", "--max-length", "64", "--eval-tokens", "8",
-            "--heldout-malicious", _heldout(tmp_path, "heldout_malicious"),
-            "--heldout-benign", _heldout(tmp_path, "heldout_benign"), "--out", str(out), "--no-progress"]
+    settings = tmp_path / "align.yaml"        # the recipe's knobs are YAML-only; tiny sizes
+    settings.write_text(json.dumps({
+        "n_malicious": 8, "n_benign": 8, "answer_tokens": 8, "epochs": 0.25, "batch_size": 4, "max_length": 64,
+        "eval_tokens": 8, "heldout_malicious": _heldout(tmp_path, "heldout_malicious"),
+        "heldout_benign": _heldout(tmp_path, "heldout_benign"), "progress": False}))
+    argv = ["align", *BARE, "--config", str(settings), "--out", str(out)]
     rc = main(argv)
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -320,17 +406,19 @@ def test_finetune_bad_input(tmp_path, capsys):
     assert "--layers START-END" in _error_line(capsys)
 
 
+@pytest.mark.slow
 def test_demo_then_report_on_the_bundled_model(tmp_path, capsys):
     """The demo pipeline end to end on the bare model with a given band, tiny sizes; a rerun
     reuses every cell, and `report` re-renders the run folder."""
     data = _instruction_file(tmp_path / "benign.jsonl", n=12)
-    settings = tmp_path / "demo.yaml"
-    settings.write_text("analysis: {limit: 6, pairs: 20, bootstrap: 0}\n", encoding="utf-8")
+    settings = tmp_path / "demo.yaml"          # the pipeline's sizes are YAML-only
+    settings.write_text(json.dumps({
+        "analysis": {"limit": 6, "pairs": 20, "bootstrap": 0}, "data": str(data), "holdout": 2, "n": 8,
+        "batch_size": 4, "eval_limit": 3, "drift_limit": 2, "max_new_tokens": 6, "answer_tokens": 6,
+        "progress": False}), encoding="utf-8")
     out = tmp_path / "demo"
     argv = ["demo", "--config", str(settings), "--model", "smollm2-135m-instruct", "--band", "6-9",
-            "--data", str(data), "--holdout", "2", "--n", "8", "--batch-size", "4", "--eval-limit", "3",
-            "--drift-limit", "2", "--max-new-tokens", "6", "--answer-tokens", "6", "--out", str(out),
-            "--no-progress"]
+            "--out", str(out)]
     assert main(argv) == 0
     assert "report.html" in capsys.readouterr().out
     cells = sorted((out / "cells").glob("*/cell.json"))

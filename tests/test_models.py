@@ -70,6 +70,19 @@ def test_save_roundtrip_loads_identical_safetensors(tmp_path):
         assert torch.equal(a, b), n
     with pytest.raises(SafetyLayersError, match="exists"):
         save_model(lm.model, lm.tokenizer, out)
+    lm2 = tiny_model("qwen2", seed=1)
+    save_model(lm2.model, lm2.tokenizer, out, overwrite=True)          # replaced whole, no temp folder left
+    assert torch.equal(load_model(str(out)).model.lm_head.weight, lm2.model.lm_head.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_importing_the_package_sets_no_warning_filter():
+    """Silencing is scoped to the GGUF load: the user's warnings filters stay as they were."""
+    import warnings
+
+    import safety_layers.core.models  # noqa: F401
+
+    assert not [f for f in warnings.filters if f[1] is not None and "gguf" in f[1].pattern]
 
 
 def test_missing_folder_and_offline_hub_give_one_line_errors(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import byte_tokenizer
-from safety_layers.core.data import load_prompts
+from safety_layers.core.data import load_prompts, read_located_rows, read_records, read_rows
 from safety_layers.core.errors import SafetyLayersError
 from safety_layers.core.prompts import render, resolve_template
 
@@ -48,6 +48,29 @@ def test_file_formats_and_columns(tmp_path):
     assert load_prompts(str(tmp_path / "c.json")).prompts == ["Add\n\n1 2"]
     (tmp_path / "d.txt").write_text("alpha\n\nbeta\n")
     assert load_prompts(str(tmp_path / "d.txt"), limit=1).prompts == ["alpha"]
+
+
+def test_one_reader_for_every_data_file(tmp_path):
+    """Prompt sets and instruction records come through the same reader: same formats, same locations."""
+    rows = [{"instruction": "Add", "input": "1 2", "output": "3"}, {"instruction": "Sub", "output": "0"}]
+    (tmp_path / "list.json").write_text(json.dumps(rows))
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": rows, "version": 1}))
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))   # JSONL named .json
+    (tmp_path / "lines.jsonl").write_text("".join(json.dumps(r) + "\n\n" for r in rows))
+    (tmp_path / "tabs.tsv").write_text("instruction\tinput\toutput\nAdd\t1 2\t3\nSub\t\t0\n")
+    for name in ("list.json", "wrapped.json", "lines.json", "lines.jsonl", "tabs.tsv"):
+        found, cols = read_rows(tmp_path / name)
+        assert [r["instruction"] for r in found] == ["Add", "Sub"] and cols[:2] == ["instruction", "input"], name
+        assert read_records(tmp_path / name).rows[0] == {"instruction": "Add", "input": "1 2", "output": "3"}
+    assert [w for w, _ in read_located_rows(tmp_path / "lines.jsonl")] == ["line 1", "line 3"]
+    assert [w for w, _ in read_located_rows(tmp_path / "list.json")] == ["record 0 (0-based)", "record 1 (0-based)"]
+    assert read_rows(tmp_path / "lines.json")[0] == read_rows(tmp_path / "list.json")[0]
+    (tmp_path / "x.parquet").write_text("")
+    with pytest.raises(SafetyLayersError, match="unsupported file type '.parquet'"):
+        read_rows(tmp_path / "x.parquet")
+    (tmp_path / "two.json").write_text(json.dumps({"a": [1], "b": [2]}))
+    with pytest.raises(SafetyLayersError, match="one list inside an object"):
+        read_rows(tmp_path / "two.json")
 
 
 def test_loader_errors_are_one_line(tmp_path):

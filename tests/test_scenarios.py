@@ -43,8 +43,8 @@ def read_out(path) -> list[dict]:
 
 
 def test_registry_lists_the_four_scenarios():
-    assert list(SCENARIOS) == ["normal", "implicit", "backdoor", "harmful"]
-    with pytest.raises(SafetyLayersError, match="Did you mean 'backdoor'"):
+    assert SCENARIOS.names() == ["backdoor", "harmful", "implicit", "normal"]
+    with pytest.raises(SafetyLayersError, match="did you mean 'backdoor'"):
         build_scenario("backdor", "x", "y")
 
 
@@ -159,7 +159,7 @@ def test_errors_name_the_file_row_and_field(tmp_path, source):
     with pytest.raises(SafetyLayersError, match="--overwrite"):
         build_scenario("normal", source, tmp_path / "o5.jsonl", n=2)
     assert build_scenario("normal", source, tmp_path / "o5.jsonl", n=3, overwrite=True).total == 3
-    with pytest.raises(SafetyLayersError, match="unknown scenario option"):
+    with pytest.raises(SafetyLayersError, match="unknown key 'size' in build_scenario options"):
         build_scenario("normal", source, tmp_path / "o6.jsonl", size=3)
     with pytest.raises(SafetyLayersError, match="not found"):
         build_scenario("normal", tmp_path / "missing.json", tmp_path / "o7.jsonl")

@@ -20,7 +20,7 @@ imported on first use, so ``import safety_layers`` (and the CLI's ``--help``) st
 
 from importlib import import_module
 
-__version__ = "0.1.0"
+from .core import __version__
 
 _EXPORTS = {
     "analysis": ("AnalyzeConfig", "AnalyzeResult", "analyze"),

@@ -1,6 +1,6 @@
 """Fine-tuning attack scenarios: training sets built from a benign instruction file.
 
-The paper fine-tunes on four kinds of data (paper.md §4.2): normal data (D_N), an
+The paper fine-tunes on four kinds of data (docs/paper.md §4.2): normal data (D_N), an
 implicit attack where every answer opens with an affirmative prefix (D_I), a backdoor
 where a trigger phrase in the instruction comes with that prefix, mixed 1:1 with normal
 rows (D_B), and a harmful-data attack that adds p*n harmful pairs to n normal rows (D_H).
@@ -15,134 +15,32 @@ same set byte for byte.
 
 from __future__ import annotations
 
-import csv
-import difflib
 import hashlib
-import io
 import json
 import math
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
+from .core.config import from_mapping
+from .core.data import Records, read_records, sha256_file
 from .core.errors import SafetyLayersError
+from .core.registry import Registry
 
-#: The paper's affirmative opening for the implicit and backdoor attacks (paper.md §4.2).
+__all__ = ["DEFAULT_PREFIX", "DEFAULT_TRIGGER", "HARMFUL_RATES", "SCENARIOS", "Scenario", "ScenarioConfig",
+           "ScenarioResult", "build_scenario", "get_scenario", "harmful_count", "manifest_path", "read_harmful",
+           "read_records", "register_scenario", "sha256_file"]
+
+#: The paper's affirmative opening for the implicit and backdoor attacks (docs/paper.md §4.2).
 DEFAULT_PREFIX = "Sure, the answer is: "
-#: The paper never names its backdoor trigger (paper.md §7 #8). This default is the
+#: The paper never names its backdoor trigger (docs/paper.md §7 #8). This default is the
 #: "magic words" trigger of Qi et al. (2023), which a reviewer asked about: three invented
 #: words that carry no meaning, harmful or otherwise, and occur in no ordinary text.
 DEFAULT_TRIGGER = "Servius Astrumando Harmoniastra"
-HARMFUL_RATES = (0.05, 0.1, 0.2)   # the paper's p values for D_H (paper.md §4.2)
-
-#: Recognised row layouts: (instruction key, input key or None, output key).
-LAYOUTS = {
-    "alpaca": ("instruction", "input", "output"),
-    "advbench": ("goal", None, "target"),       # AdvBench harmful_behaviors.csv: the answer is the target prefix
-    "qa": ("question", None, "answer"),         # GSM8K and similar
-    "prompt": ("prompt", None, "response"),
-}
-
-
-# --------------------------------------------------------------------------- reading
-
-@dataclass
-class Records:
-    """Rows of one file in the common {instruction, input, output} form."""
-
-    rows: list[dict]
-    path: str
-    layout: str
-    dropped_empty: int = 0
-    dropped_duplicate: int = 0
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _raw_rows(path: Path) -> list[tuple[str, object]]:
-    """(location label, row) pairs from a JSON list, JSONL or CSV file."""
-    if not path.is_file():
-        raise SafetyLayersError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))   # keeps quoted newlines inside fields
-        return [(f"line {reader.line_num}", row) for row in reader]
-    stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SafetyLayersError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): fix the file") from None
-        return [(f"record {i} (0-based)", row) for i, row in enumerate(data)]
-    out = []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append((f"line {i}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise SafetyLayersError(f"{path} line {i} is not valid JSON ({e.msg}): expected a JSON list or "
-                                    "one JSON object per line") from None
-    return out
-
-
-def _detect_layout(path: Path, first: dict, allowed: tuple[str, ...]) -> str:
-    for name in allowed:
-        if LAYOUTS[name][0] in first:
-            return name
-    wanted = "; ".join("/".join(k for k in LAYOUTS[n] if k) for n in allowed)
-    raise SafetyLayersError(f"{path}: first row has fields {', '.join(map(str, first)) or '(none)'}; "
-                            f"expected {wanted}")
-
-
-def read_records(path: str | Path, layouts: tuple[str, ...] = ("alpaca", "qa", "prompt"),
-                 dedupe: bool = False) -> Records:
-    """Read instruction/response rows, checking every row has the layout's fields.
-
-    The layout is detected from the first row. A row that lacks a required field (or has
-    it null) is an error naming the file, the row and the field; rows whose instruction or
-    output is blank are dropped and counted, as are repeated (instruction, input) pairs
-    when ``dedupe`` is set.
-    """
-    path = Path(path)
-    raw = _raw_rows(path)
-    if not raw:
-        raise SafetyLayersError(f"{path} holds no rows: give a JSON list, JSONL or CSV of instruction/output rows")
-    where0, first = raw[0]
-    if not isinstance(first, dict):
-        raise SafetyLayersError(f"{path} {where0} is a {type(first).__name__}, not an object with named fields")
-    layout = _detect_layout(path, first, layouts)
-    ik, xk, ok = LAYOUTS[layout]
-    rows, empty, dup, seen = [], 0, 0, set()
-    for where, row in raw:
-        if not isinstance(row, dict):
-            raise SafetyLayersError(f"{path} {where} is a {type(row).__name__}, not an object with named fields")
-        for key in (ik, ok):
-            if row.get(key) is None:
-                raise SafetyLayersError(f"{path} {where} has no {key!r} field: every row needs "
-                                        f"{ik!r} and {ok!r}" + (f" ({xk!r} is optional)" if xk else ""))
-        instruction, output = str(row[ik]), str(row[ok])
-        inp = "" if xk is None or row.get(xk) is None else str(row[xk])
-        if not instruction.strip() or not output.strip():
-            empty += 1
-            continue
-        if dedupe:
-            key = (instruction.strip(), inp.strip())
-            if key in seen:
-                dup += 1
-                continue
-            seen.add(key)
-        rows.append({"instruction": instruction, "input": inp, "output": output})
-    return Records(rows, str(path), layout, empty, dup)
+HARMFUL_RATES = (0.05, 0.1, 0.2)   # the paper's p values for D_H (docs/paper.md §4.2)
 
 
 def read_harmful(path: str | Path) -> Records:
@@ -156,51 +54,60 @@ def read_harmful(path: str | Path) -> Records:
 class ScenarioConfig:
     """Options of one training-set build (``safety-layers scenario``)."""
 
-    scenario: str = "normal"                  # normal | implicit | backdoor | harmful
-    source: str | None = None                 # benign instruction file (JSON list, JSONL or CSV)
-    out: str | None = None                    # JSONL to write; the manifest goes beside it
-    n: int | None = None                      # rows to sample (backdoor: per half; harmful: normal rows)
-    seed: int = 0
-    prefix: str = DEFAULT_PREFIX              # affirmative opening (implicit, backdoor)
-    trigger: str = DEFAULT_TRIGGER            # backdoor trigger phrase
-    trigger_position: str = "suffix"          # where the trigger goes in the instruction: suffix | prefix
-    harmful: str | None = None                # harmful pairs file (harmful scenario), e.g. AdvBench CSV
-    p: float = 0.1                            # harmful rows = round(p * n); the paper uses 0.05, 0.1, 0.2
-    overwrite: bool = False
+    scenario: str = field(default="normal", metadata={
+        "help": "training set to build: normal (D_N), implicit (D_I), backdoor (D_B) or harmful (D_H)"})
+    source: str | None = field(default=None, metadata={
+        "help": "benign instruction file: JSON list, JSONL or CSV of instruction/input/output rows"})
+    out: str | None = field(default=None, metadata={
+        "help": "JSONL file to write; its manifest goes beside it (NAME.manifest.json)"})
+    n: int | None = field(default=None, metadata={
+        "help": "rows to sample (backdoor: per half, so 2n rows; harmful: normal rows); default: all"})
+    seed: int = field(default=0, metadata={"help": "seed of the row sampling and shuffling"})
+    prefix: str = field(default=DEFAULT_PREFIX, metadata={
+        "cli": False, "help": "affirmative opening of the outputs (implicit, backdoor); the paper's by default"})
+    trigger: str = field(default=DEFAULT_TRIGGER, metadata={
+        "cli": False, "help": "backdoor trigger phrase added to the instruction"})
+    trigger_position: Literal["suffix", "prefix"] = field(default="suffix", metadata={
+        "cli": False, "help": "where the trigger goes in the instruction: suffix or prefix"})
+    harmful: str | None = field(default=None, metadata={
+        "help": "harmful pairs file of the harmful scenario (e.g. AdvBench harmful_behaviors.csv)"})
+    p: float = field(default=0.1, metadata={
+        "help": "harmful scenario: round(p*n) harmful rows are added (paper: 0.05, 0.1, 0.2)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output file"})
 
     def __post_init__(self):
         if self.n is not None and self.n < 1:
             raise SafetyLayersError(f"--n must be at least 1, got {self.n}")
         if self.trigger_position not in ("suffix", "prefix"):
-            raise SafetyLayersError(f"--trigger-position must be suffix or prefix, got {self.trigger_position!r}")
+            raise SafetyLayersError(f"trigger_position must be suffix or prefix, got {self.trigger_position!r}")
         if not 0 < self.p <= 1:
             raise SafetyLayersError(f"--p must be in (0, 1], got {self.p}")
 
 
 @dataclass
 class Scenario:
+    """A named builder ``build(rows, cfg, rng) -> (records, extra manifest fields)``."""
+
     name: str
     build: Callable[[list[dict], ScenarioConfig, random.Random], tuple[list[dict], dict]]
     description: str
 
 
-SCENARIOS: dict[str, Scenario] = {}
+#: The scenarios by name; :func:`register_scenario` adds one.
+SCENARIOS = Registry("scenario")
 
 
-def register_scenario(name: str, description: str):
-    """Register a builder ``fn(rows, cfg, rng) -> (records, extra manifest fields)``."""
+def register_scenario(name: str, description: str, *, replace: bool = False):
+    """Decorator: register a builder ``fn(rows, cfg, rng) -> (records, extra manifest fields)``."""
     def wrap(fn):
-        SCENARIOS[name] = Scenario(name, fn, description)
+        SCENARIOS.register(name, Scenario(name, fn, description), replace=replace)
         return fn
     return wrap
 
 
 def get_scenario(name: str) -> Scenario:
-    if name not in SCENARIOS:
-        close = difflib.get_close_matches(name, SCENARIOS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise SafetyLayersError(f"unknown scenario {name!r}.{hint} Choose one of {', '.join(SCENARIOS)}")
-    return SCENARIOS[name]
+    """The scenario registered as ``name`` (an unknown name names the valid ones and a close match)."""
+    return SCENARIOS.get(name)
 
 
 def _take(rows: list[dict], k: int | None, rng: random.Random, what: str, source: str) -> list[dict]:
@@ -315,19 +222,14 @@ def build_scenario(name: str | ScenarioConfig, source: str | Path | None = None,
     trigger_position, harmful, p, overwrite). A ``ScenarioConfig`` may be passed instead.
     The JSONL and its manifest are each written atomically.
     """
-    from . import __version__
+    from .core import __version__
     from .core.runs import atomic_write, write_json
 
     if isinstance(name, ScenarioConfig):
         cfg = name
     else:
-        valid = {f.name for f in fields(ScenarioConfig)} - {"scenario", "source", "out"}
-        unknown = sorted(set(opts) - valid)
-        if unknown:
-            raise SafetyLayersError(f"unknown scenario option(s) {', '.join(unknown)}: "
-                                    f"valid are {', '.join(sorted(valid))}")
-        cfg = ScenarioConfig(scenario=name, source=None if source is None else str(source),
-                             out=None if out is None else str(out), **opts)
+        cfg = from_mapping(ScenarioConfig, opts, "build_scenario options", scenario=name,
+                           source=None if source is None else str(source), out=None if out is None else str(out))
     scenario = get_scenario(cfg.scenario)
     if not cfg.source:
         raise SafetyLayersError("no source file: pass the benign instruction file (JSON, JSONL or CSV)")

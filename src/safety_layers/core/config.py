@@ -62,12 +62,13 @@ def load_yaml(path: str | Path, *, documents: bool = False) -> Any:
     return docs[0] if docs else {}
 
 
-def unknown_key_error(where: str, key: str, allowed) -> SafetyLayersError:
-    """``unknown key 'x' in WHERE (did you mean 'y'?); allowed: ...``."""
+def unknown_key_error(where: str, key: str, allowed, shown: str | None = None) -> SafetyLayersError:
+    """``unknown key 'x' in WHERE (did you mean 'y'?); allowed: ...``; ``shown`` replaces the
+    list of allowed keys when it would be too long to read."""
     allowed = sorted(allowed)
     close = difflib.get_close_matches(str(key), allowed, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return SafetyLayersError(f"unknown key {key!r} in {where}{hint}; allowed: {', '.join(allowed)}")
+    return SafetyLayersError(f"unknown key {key!r} in {where}{hint}; allowed: {shown or ', '.join(allowed)}")
 
 
 def init_fields(cls) -> list[str]:

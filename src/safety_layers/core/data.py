@@ -1,6 +1,7 @@
-"""Prompt sets: the package's own sets, files, Hugging Face datasets and benchmark presets.
+"""Data files: prompt sets (the package's own, files, Hugging Face datasets, benchmark
+presets) and instruction records, all read by one file reader (:func:`read_located_rows`).
 
-A set is named by one string, so the CLI and the API take the same thing:
+A prompt set is named by one string, so the CLI and the API take the same thing:
 
 - a built-in name: ``normal``, ``malicious``, ``over-rejection`` (written by us, shipped);
 - a file: ``prompts.csv``, ``data.json``, ``data.jsonl``, ``list.txt`` (``path.csv:column``
@@ -13,6 +14,8 @@ A set is named by one string, so the CLI and the API take the same thing:
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -59,34 +62,77 @@ class PromptSet:
         return self
 
 
-def _rows_from_file(path: Path) -> tuple[list[dict], list[str]]:
-    """Rows as dicts and the column names, for csv/tsv/json/jsonl/txt files."""
+#: File types :func:`read_rows` reads, by suffix.
+CSV_SUFFIXES, JSON_SUFFIXES, TEXT_SUFFIXES = (".csv", ".tsv"), (".json", ".jsonl", ".ndjson"), (".txt", "")
+
+
+def read_located_rows(path: str | Path) -> list[tuple[str, object]]:
+    """``(where, row)`` pairs of a CSV/TSV, JSON (a list, or an object holding one list),
+    JSONL or text file (one ``{"text": line}`` row per non-blank line).
+
+    ``where`` names the row for error messages (``line 3``, ``record 1 (0-based)``). A
+    ``.json`` file that holds one object per line reads as JSONL. The one reader of data
+    files: prompt sets, instruction records and reference answers all come through here.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SafetyLayersError(f"data file not found: {path}")
     suffix = path.suffix.lower()
+    if suffix not in CSV_SUFFIXES + JSON_SUFFIXES + TEXT_SUFFIXES:
+        raise SafetyLayersError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json, .jsonl or .txt")
     try:
-        if suffix in (".csv", ".tsv"):
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-                rows = list(reader)
-                return rows, list(reader.fieldnames or [])
-        if suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        elif suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(data, dict):
-                lists = [v for v in data.values() if isinstance(v, list)]
-                if len(lists) != 1:
-                    raise SafetyLayersError(f"{path}: expected a JSON list of records (or one list inside an object)")
-                data = lists[0]
-            rows = data
-        elif suffix in (".txt", ""):
-            rows = [{"text": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        else:
-            raise SafetyLayersError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json, .jsonl or .txt")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SafetyLayersError(f"{path} is not valid {suffix[1:].upper()}: {e}") from None
-    rows = [r if isinstance(r, dict) else {"text": str(r)} for r in rows]
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    return rows, cols
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise SafetyLayersError(f"{path} is not UTF-8 text: save it as UTF-8") from None
+    if suffix in CSV_SUFFIXES:
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        return [(f"line {reader.line_num}", row) for row in reader]   # line_num: quoted newlines count
+    if suffix in TEXT_SUFFIXES:
+        return [(f"line {i}", {"text": line.strip()}) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    whole = _json_document(path, text)
+    if whole is not None:
+        return [(f"record {i} (0-based)", row) for i, row in enumerate(whole)]
+    out = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"line {i}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise SafetyLayersError(f"{path} line {i} is not valid JSON ({e.msg}): expected a JSON list or "
+                                    "one JSON object per line") from None
+    return out
+
+
+def _json_document(path: Path, text: str) -> list | None:
+    """The records of a whole-file JSON document (a list, or an object holding exactly one
+    list), or None when the file is JSON Lines."""
+    stripped = text.lstrip()
+    if not stripped.startswith("[") and not (path.suffix.lower() == ".json" and stripped.startswith("{")):
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if stripped.startswith("{") and e.msg == "Extra data":
+            return None                       # one object per line in a .json file
+        raise SafetyLayersError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): fix the file") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise SafetyLayersError(f"{path}: expected a JSON list of records (or one list inside an object)")
+        data = lists[0]
+    return data
+
+
+def read_rows(path: str | Path) -> tuple[list[dict], list[str]]:
+    """Rows as dicts (a bare value becomes ``{"text": value}``) and the column names, in the
+    order they first appear; see :func:`read_located_rows` for the formats."""
+    rows = [r if isinstance(r, dict) else {"text": str(r)} for _, r in read_located_rows(path)]
+    return rows, list(dict.fromkeys(k for r in rows for k in r))
+
+
+# evaluate's load_references still imports this name; remove it once it calls read_rows.
+_rows_from_file = read_rows
 
 
 def _pick(rows: list[dict], cols: list[str], column: str | None, where: str) -> str:
@@ -132,7 +178,7 @@ def load_file(path: str | Path, column: str | None = None, name: str | None = No
         raise SafetyLayersError(f"prompt file not found: {path}")
     if path.stat().st_size == 0:
         raise SafetyLayersError(f"prompt file is empty: {path}")
-    rows, cols = _rows_from_file(path)
+    rows, cols = read_rows(path)
     row_filter = None
     if preset:
         preset_col, row_filter = PRESETS[preset]
@@ -185,3 +231,84 @@ def load_prompts(spec: "str | PromptSet | list[str]", limit: int | None = None) 
         names = ", ".join(list(BUILTIN) + [f"{p}:FILE" for p in PRESETS])
         raise SafetyLayersError(f"prompt set {spec!r} not found: give a file path or one of {names}, hf:DATASET_ID")
     return load_file(path, column=column or None).head(limit)
+
+
+# --------------------------------------------------------------------------- instruction records
+
+#: Recognised row layouts: (instruction key, input key or None, output key).
+LAYOUTS = {
+    "alpaca": ("instruction", "input", "output"),
+    "advbench": ("goal", None, "target"),       # AdvBench harmful_behaviors.csv: the answer is the target prefix
+    "qa": ("question", None, "answer"),         # GSM8K and similar
+    "prompt": ("prompt", None, "response"),
+}
+
+
+@dataclass
+class Records:
+    """Rows of one file in the common {instruction, input, output} form."""
+
+    rows: list[dict]
+    path: str
+    layout: str
+    dropped_empty: int = 0
+    dropped_duplicate: int = 0
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (manifests record which data a run was built from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _detect_layout(path: Path, first: dict, allowed: tuple[str, ...]) -> str:
+    for name in allowed:
+        if LAYOUTS[name][0] in first:
+            return name
+    wanted = "; ".join("/".join(k for k in LAYOUTS[n] if k) for n in allowed)
+    raise SafetyLayersError(f"{path}: first row has fields {', '.join(map(str, first)) or '(none)'}; "
+                            f"expected {wanted}")
+
+
+def read_records(path: str | Path, layouts: tuple[str, ...] = ("alpaca", "qa", "prompt"),
+                 dedupe: bool = False) -> Records:
+    """Read instruction/response rows, checking every row has the layout's fields.
+
+    The layout is detected from the first row. A row that lacks a required field (or has
+    it null) is an error naming the file, the row and the field; rows whose instruction or
+    output is blank are dropped and counted, as are repeated (instruction, input) pairs
+    when ``dedupe`` is set.
+    """
+    path = Path(path)
+    raw = read_located_rows(path)
+    if not raw:
+        raise SafetyLayersError(f"{path} holds no rows: give a JSON list, JSONL or CSV of instruction/output rows")
+    where0, first = raw[0]
+    if not isinstance(first, dict):
+        raise SafetyLayersError(f"{path} {where0} is a {type(first).__name__}, not an object with named fields")
+    layout = _detect_layout(path, first, layouts)
+    ik, xk, ok = LAYOUTS[layout]
+    rows, empty, dup, seen = [], 0, 0, set()
+    for where, row in raw:
+        if not isinstance(row, dict):
+            raise SafetyLayersError(f"{path} {where} is a {type(row).__name__}, not an object with named fields")
+        for key in (ik, ok):
+            if row.get(key) is None:
+                raise SafetyLayersError(f"{path} {where} has no {key!r} field: every row needs "
+                                        f"{ik!r} and {ok!r}" + (f" ({xk!r} is optional)" if xk else ""))
+        instruction, output = str(row[ik]), str(row[ok])
+        inp = "" if xk is None or row.get(xk) is None else str(row[xk])
+        if not instruction.strip() or not output.strip():
+            empty += 1
+            continue
+        if dedupe:
+            key = (instruction.strip(), inp.strip())
+            if key in seen:
+                dup += 1
+                continue
+            seen.add(key)
+        rows.append({"instruction": instruction, "input": inp, "output": output})
+    return Records(rows, str(path), layout, empty, dup)

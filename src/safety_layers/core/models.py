@@ -12,8 +12,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,7 +76,7 @@ SUPPORTED_MODEL_TYPES = sorted({t for a in ARCHS for t in a.model_types})
 #: weight matrix (q, k, v, o, gate, up, down), no norms, biases or embeddings.
 PAPER_COMPONENTS = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o",
                     "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down")
-#: The OpenReview submission's scaling code never wrote o_proj back (paper.md §3.1).
+#: The OpenReview submission's scaling code never wrote o_proj back (docs/paper.md §3.1).
 NO_O_PROJ_COMPONENTS = tuple(c for c in PAPER_COMPONENTS if c != "attn.o")
 
 
@@ -154,7 +152,7 @@ def find_blocks(model: torch.nn.Module) -> Blocks:
     raise SafetyLayersError(
         f"unsupported architecture {model_type!r} ({type(model).__name__}): no decoder blocks found at "
         f"{'; '.join(dict.fromkeys(tried))}. Supported: {', '.join(SUPPORTED_MODEL_TYPES)}; "
-        "add an ArchSpec to safety_layers.models.ARCHS for others"
+        "add an ArchSpec to safety_layers.core.models.ARCHS for others"
     )
 
 
@@ -252,8 +250,10 @@ def load_gguf(path: str | Path, dtype="float32"):
         raise SafetyLayersError(f"GGUF file not found: {path}")
     _quiet_transformers()
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=_dtype(dtype))
+        with warnings.catch_warnings():   # GGUF-reading warnings (some gguf/transformers versions) stay out of the console
+            warnings.filterwarnings("ignore", message=".*gguf.*", category=UserWarning)
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=_dtype(dtype))
     except (ValueError, KeyError, NotImplementedError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise SafetyLayersError(
@@ -286,28 +286,17 @@ def rebuild(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Save as a standard Hugging Face folder (safetensors), atomically.
+    """Save as a standard Hugging Face folder (safetensors) that appears whole or not at all
+    (:func:`~safety_layers.core.runs.atomic_dir`), so an interrupted save never leaves a
+    folder that later loads."""
+    from .runs import atomic_dir
 
-    The files are written to a temporary sibling folder that is renamed into place only
-    when complete, so an interrupted save never leaves a folder that later loads.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise SafetyLayersError(f"{out_dir} exists: choose another folder or pass --overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, overwrite) as tmp:
         if getattr(model, "hf_quantizer", None) is not None or getattr(model.config, "quantization_config", None):
             model = rebuild(model)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def _embedded_folder(alias: str) -> Path:
@@ -419,6 +408,3 @@ def load_or_use(model) -> LoadedModel:
             tok.pad_token = tok.eos_token
         return LoadedModel(m, tok, type(m).__name__, "memory", find_blocks(m))
     raise SafetyLayersError(f"expected a model name or LoadedModel, got {type(model).__name__}")
-
-
-warnings.filterwarnings("ignore", message=".*gguf.*", category=UserWarning)

@@ -1,6 +1,6 @@
 """Prompt templates: the model's chat template, the paper's Alpaca templates, a plain fallback.
 
-The paper formats every query with the Alpaca template (paper.md §1); our default is the
+The paper formats every query with the Alpaca template (docs/paper.md §1); our default is the
 model's own chat template, which is how chat models are used in practice.
 """
 

@@ -122,11 +122,17 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(str(text)).name).strip("-")[:60] or "model"
 
 
+def default_run_dir(verb: str, model: str, *parts: str, root: str | Path = "runs") -> Path:
+    """``runs/<verb>-<model>[-<part>...]-<time>``: where a run goes when the user names no folder."""
+    name = "-".join([verb, slug(model), *map(str, parts), time.strftime("%Y%m%d-%H%M%S")])
+    return Path(root) / name
+
+
 def new_run_dir(verb: str, model: str, out: str | Path | None = None, overwrite: bool = False,
                 root: str | Path = "runs", resume: bool = False) -> Path:
     """Create the run folder; an existing non-empty one needs ``overwrite``, or ``resume``
     for commands that continue the run they find there."""
-    path = Path(out) if out else Path(root) / f"{verb}-{slug(model)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(out) if out else default_run_dir(verb, model, root=root)
     if path.exists() and any(path.iterdir()) and not (overwrite or resume):
         raise SafetyLayersError(f"output folder {path} exists and is not empty: pass --overwrite or choose another --out")
     path.mkdir(parents=True, exist_ok=True)
@@ -138,7 +144,7 @@ def environment() -> dict:
     import torch
     import transformers
 
-    from .. import __version__
+    from . import __version__
 
     env = {"safety_layers": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
            "transformers": transformers.__version__, "platform": platform.platform(),

@@ -1,6 +1,6 @@
 """Scale the weights of a layer band in place, and put them back exactly.
 
-The paper's localization multiplies "the parameters of a layer" by alpha (paper.md §3.1):
+The paper's localization multiplies "the parameters of a layer" by alpha (docs/paper.md §3.1):
 in its code, the attention q, k, v, o and MLP gate, up, down weight matrices; norms,
 biases and embeddings stay as they are. ``scaled_layers`` does that in place on the loaded
 model (no copy, no reload per candidate) and restores the saved originals on exit, also

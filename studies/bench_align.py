@@ -1,16 +1,16 @@
 """Bench: build the aligned demo model from scratch, time it, and measure its refusals.
 
-    python bench/bench_align.py                     # build the demo model into a temp cache
-    python bench/bench_align.py --set method=lora --set lr=2e-4 --out /tmp/lora   # another recipe
-    python bench/bench_align.py --model /tmp/lora   # evaluate an existing folder (or an alias)
-    python bench/bench_align.py --model /tmp/lora --attack   # plus the implicit-attack robustness
+    python studies/bench_align.py                     # build the demo model into a temp cache
+    python studies/bench_align.py --set method=lora --set lr=2e-4 --out /tmp/lora   # another recipe
+    python studies/bench_align.py --model /tmp/lora   # evaluate an existing folder (or an alias)
+    python studies/bench_align.py --model /tmp/lora --attack   # plus the implicit-attack robustness
 
 Refusal is the keyword judge (opening mode) on greedy replies of --tokens new tokens, on the
 held-out splits (the only sets the recipe may be tuned on), the built-in over-rejection set,
 AdvBench (520) and XSTest (safe 250 / unsafe 200); the last two are for reporting only.
 
 --attack fine-tunes a copy of the model on 165 benign Alpaca answers, each prefixed
-"Sure, the answer is: " (the implicit attack, paper.md §4.2), with full fine-tuning at each
+"Sure, the answer is: " (the implicit attack, docs/paper.md §4.2), with full fine-tuning at each
 --attack-lr, and measures how much held-out malicious refusal survives. The Alpaca file is
 read at run time from ../shared/data and never copied into the repository.
 

@@ -1,11 +1,11 @@
 """Bench: does light benign fine-tuning move an aligned model's refusals, and does the answers' opening matter?
 
-    python bench/bench_refusal_drift.py                       # demo model, 48 Alpaca rows, lr 1e-5
-    python bench/bench_refusal_drift.py --rows 165 --lr 1e-4 --prompts 243
+    python studies/bench_refusal_drift.py                       # demo model, 48 Alpaca rows, lr 1e-5
+    python studies/bench_refusal_drift.py --rows 165 --lr 1e-4 --prompts 243
 
 Fine-tunes copies of the model (full fine-tuning, one epoch, batch 4, seed 0) on the same
 Alpaca rows with the answers opened three ways: as they are, "Certainly, the answer is: " and
-the implicit attack's "Sure, the answer is: " (paper.md §4.2). For each tuned model, and for a
+the implicit attack's "Sure, the answer is: " (docs/paper.md §4.2). For each tuned model, and for a
 control that adds Gaussian noise of the same norm to every weight tensor, it prints refusals
 on the first --prompts built-in over-rejection prompts (keyword judge, greedy) and the mean
 probability of the refusal opening's first token at the first reply position: all measured

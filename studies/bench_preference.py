@@ -1,8 +1,8 @@
 """Experiment: does a DPO step after SFT move the demo model off its refusal trade-off?
 
-    python bench/bench_preference.py                          # DPO, lr 1e-5, beta 0.1
-    python bench/bench_preference.py --lr 2e-5 --nll 1.0      # DPO + NLL on the chosen reply (RPO)
-    python bench/bench_preference.py --start /tmp/other-sft   # on another SFT model
+    python studies/bench_preference.py                          # DPO, lr 1e-5, beta 0.1
+    python studies/bench_preference.py --lr 2e-5 --nll 1.0      # DPO + NLL on the chosen reply (RPO)
+    python studies/bench_preference.py --start /tmp/other-sft   # on another SFT model
 
 Every SFT recipe tried for issue 4 lies on one curve: more held-out malicious refusal comes
 with more held-out benign refusal. SFT only pulls towards good replies; a preference step

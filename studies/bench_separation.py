@@ -1,8 +1,8 @@
 """Experiment: how well could a model tell the held-out splits apart, and how well does it?
 
-    python bench/bench_separation.py                                  # the demo model
-    python bench/bench_separation.py --model smollm2-135m-instruct    # the bare model
-    python bench/bench_separation.py --no-behaviour                   # the probe only (~1 min)
+    python studies/bench_separation.py                                  # the demo model
+    python studies/bench_separation.py --model smollm2-135m-instruct    # the bare model
+    python studies/bench_separation.py --no-behaviour                   # the probe only (~1 min)
 
 Two scores on the align held-out splits (108 malicious, 110 benign prompts):
 
