@@ -12,8 +12,8 @@ from helpers_http import ChatServer, dead_url
 from helpers_models import tiny_model
 
 from safety_layers.core.errors import SafetyLayersError
-from safety_layers.evaluate.run import (EvaluateConfig, EvaluateResult, evaluate, harmful_rate, lm_eval_scores,
-                                    print_summary, refusal_rate, rouge_l)
+from safety_layers.evaluate import (EvaluateConfig, EvaluateResult, evaluate, harmful_rate, lm_eval_scores,
+                                print_summary, refusal_rate, rouge_l)
 from safety_layers.engine.generation import GenerationSettings, generate
 from safety_layers.judges.refusal import get_judge
 from safety_layers.core.stats import cohen_kappa, wilson_interval
