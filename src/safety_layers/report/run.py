@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import SafetyLayersError
-from ..experiment.run import EXPERIMENT_VERSION  # a light import: experiment loads torch only inside its functions
+from ..experiment import EXPERIMENT_VERSION
 from ..core.runs import atomic_write
 
 #: ``experiment.json`` format versions this module can read: the one :mod:`experiment` writes.
