@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core import __version__
 from ..core.errors import SafetyLayersError
 from ..core.runs import atomic_write, read_json
 from ..experiment import EXPERIMENT_VERSION
@@ -165,8 +166,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None,
     ``out`` is a folder or an ``.html`` path (default: the run folder); figures the report
     draws itself go to ``report-figures/`` beside the HTML, so the Markdown can link them.
     """
-    from .. import __version__
-
     cfg = cfg or ReportConfig(run=str(run_dir))
     run = Path(run_dir)
     kind = detect(run)
