@@ -25,7 +25,7 @@ from ..core.runs import to_jsonable
 from ..core.stats import cohen_kappa, percent_agreement, wilson_interval
 from ..engine.distributed import map_sharded, run_on_main, world
 from ..engine.generation import Completion, GenerationSettings, generate
-from ..judges.refusal import Judge, JudgeSummary, Verdict, get_judge, summarize
+from ..judges import Judge, JudgeSummary, Verdict, get_judge, summarize
 
 #: Field metadata of per-prompt data: written to samples.jsonl instead of result.json.
 SAMPLE = {"sample": True}

@@ -24,7 +24,7 @@ from ..core.runs import atomic_write, environment, read_json, to_jsonable, write
 from ..core.stats import wilson_interval
 from ..engine.distributed import run_on_main, world
 from ..engine.generation import Completion, GenerationSettings
-from ..judges.refusal import Judge, Verdict
+from ..judges import Judge, Verdict
 from .config import EvaluateConfig
 from .quality import QualityResult, lm_eval_scores, load_references, score_quality
 from .rates import (RateResult, build_judge, generate_all, measures_harm, ordered, prompt_set, proxy_verdicts,
