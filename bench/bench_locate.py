@@ -42,7 +42,7 @@ from safety_layers.locate.run import LocateConfig, locate, print_summary  # noqa
 from safety_layers.core.models import PAPER_COMPONENTS, find_blocks, load_model  # noqa: E402
 from safety_layers.core.prompts import render  # noqa: E402
 from safety_layers.judges.proxy import FirstTokenProxy  # noqa: E402
-from safety_layers.judges.refusal import get_judge  # noqa: E402
+from safety_layers.judges import get_judge  # noqa: E402
 from safety_layers.core.scaling import scaled_layers  # noqa: E402
 
 TOKENS = 16

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from conftest import tiny_model
-from safety_layers.judges.refusal import Judge, Verdict, register_judge
+from safety_layers.judges import Judge, Verdict, register_judge
 
 REFUSAL_LETTERS = "AIMSU"
 

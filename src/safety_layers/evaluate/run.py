@@ -32,7 +32,7 @@ from ..engine.distributed import map_sharded, run_on_main, world
 from ..core.errors import SafetyLayersError
 from ..engine.generation import Completion, GenerationSettings, generate
 from ..core.models import DEFAULT_MODEL, LoadedModel, load_model, load_or_use
-from ..judges.refusal import Judge, JudgeSummary, Verdict, get_judge, summarize
+from ..judges import Judge, JudgeSummary, Verdict, get_judge, summarize
 from ..core.stats import cohen_kappa, percent_agreement, wilson_interval
 
 #: Judges :class:`EvaluateConfig` knows by name. ``proxy`` is the first-token refusal proxy,

@@ -204,7 +204,7 @@ class BandProbe:
 
     def _keyword(self, lm) -> list[bool]:
         from ..engine.generation import GenerationSettings, generate
-        from ..judges.refusal import get_judge
+        from ..judges import get_judge
 
         comps = generate(lm, self.prompts, GenerationSettings(max_new_tokens=self.cfg.max_new_tokens),
                          template=self.template, progress=self.progress)

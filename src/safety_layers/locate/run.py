@@ -384,17 +384,6 @@ class Journal:
 
 # --------------------------------------------------------------------------- counting on the model
 
-def build_judge(name: str):
-    """A refusal judge by name: ``keyword`` (opening rules), ``keyword-gcg``, or any registered judge."""
-    from ..judges.refusal import get_judge
-
-    if name == "keyword":
-        return get_judge("keyword", mode="opening")
-    if name == "keyword-gcg":
-        return get_judge("keyword", mode="gcg")
-    return get_judge(name)
-
-
 class Evaluator:
     """Counts refusals of one prompt set on the model with a band scaled, journaled and sharded.
 
@@ -612,6 +601,8 @@ def locate(cfg: LocateConfig | None = None, model=None, run_dir: str | Path | No
     notes: list[str] = []
     over = _prompt_set(cfg.over_rejection, cfg.limit, "over-rejection")
     mal = _prompt_set(cfg.malicious, cfg.limit, "malicious") if cfg.malicious else None
+    from ..judges.factory import build_judge
+
     judge = build_judge(cfg.judge)
     init = LayerRange.parse(cfg.init) if cfg.init else None
     lm = load_or_use(model if model is not None else cfg.model)

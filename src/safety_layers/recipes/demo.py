@@ -84,7 +84,7 @@ def self_distilled_rows(reference: str, tokens: int, progress: bool = True, log=
     from ..core.data import load_prompts
     from ..engine.generation import GenerationSettings, generate
     from ..core.models import load_model
-    from ..judges.refusal import get_judge
+    from ..judges import get_judge
 
     prompts = load_prompts("normal").prompts
     log(f"[bold]data[/bold] self-distilling answers to {len(prompts)} built-in prompts from {reference} "
