@@ -38,7 +38,7 @@ from safety_layers.engine.generation import GenerationSettings, generate, stop_t
 from safety_layers.core.models import load_model  # noqa: E402
 from safety_layers.core.prompts import render  # noqa: E402
 from safety_layers.judges.proxy import FirstTokenProxy, choose_threshold  # noqa: E402
-from safety_layers.judges.refusal import get_judge  # noqa: E402
+from safety_layers.judges import get_judge  # noqa: E402
 from safety_layers.core.stats import cohen_kappa, percent_agreement  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"

@@ -47,7 +47,7 @@ from safety_layers.align.run import (Example, _bundled, _collate, _sources,  # n
 from safety_layers.core.data import load_prompts  # noqa: E402
 from safety_layers.engine.generation import GenerationSettings, generate  # noqa: E402
 from safety_layers.core.models import load_model  # noqa: E402
-from safety_layers.judges.refusal import get_judge  # noqa: E402
+from safety_layers.judges import get_judge  # noqa: E402
 
 
 def bare_answers(rows_mal, rows_ben, tokens: int, path: Path) -> dict:

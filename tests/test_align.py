@@ -248,14 +248,14 @@ def test_frozen_layers_stay_fixed_while_the_rest_trains(method, lr):
 
 
 def test_refused_benign_prompts_are_answered_again_with_a_helpful_opening(monkeypatch):
-    from safety_layers.judges import refusal
-    from safety_layers.judges.refusal import Verdict
+    from safety_layers import judges
+    from safety_layers.judges import Verdict
 
     class Picky:  # refuses every reply without a helpful opening, and every reply to "stubborn"
         def judge(self, prompts, texts):
             return [Verdict(refused="stubborn" in p or not t.startswith(al.REOPENERS)) for p, t in zip(prompts, texts)]
 
-    monkeypatch.setattr(refusal, "get_judge", lambda name: Picky())
+    monkeypatch.setattr(judges, "get_judge", lambda name: Picky())
     lm = tiny_model()
     prompts = ["Name a fruit.", "A stubborn question?", "Name a tree."]
     out, dropped, reopened = al.self_distill(lm, prompts, 5, progress=False)
