@@ -1,6 +1,5 @@
 """Cosine statistics, angle gaps, the initial-range rule and its bootstrap."""
 
-import json
 import random
 
 import numpy as np
