@@ -34,7 +34,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def tiny_args(output_dir, **overrides):
     """TrainingArguments for a few fast CPU steps: large LR so every trainable tensor moves."""
-    from safety_layers.finetune.run import default_training_args
+    from safety_layers.finetune import default_training_args
 
     base = dict(max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="no",
                 logging_strategy="no", disable_tqdm=True, use_cpu=True, optim="adamw_torch",
@@ -100,7 +100,7 @@ def invariants(prep, before: dict[str, torch.Tensor]) -> dict:
 def run_case(arch: str, method: str, band: str, workdir: Path, cfg_overrides: dict | None = None,
              **arg_overrides):
     """Train one tiny case; return (Prepared, FinetuneResult, invariants)."""
-    from safety_layers.finetune.run import FinetuneConfig, prepare, train_and_save
+    from safety_layers.finetune import FinetuneConfig, prepare, train_and_save
 
     cfg_overrides = cfg_overrides or {}
     lm = tiny_model(arch, layers=4, seed=0)
