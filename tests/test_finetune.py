@@ -149,9 +149,14 @@ def test_two_process_torchrun_keeps_frozen_weights_out_of_the_optimizer(tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent / "src"),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(TESTS / "helpers_finetune.py"), str(tmp_path), *cases],
+                           str(TESTS / "helpers_finetune.py"), str(tmp_path), *cases, "align"],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # align's SFT Trainer under DDP: each process trains on its half of the batch plan (4 batches, 2 steps),
+    # the loss runs through the wrapper, so the gradients are averaged and the replicas stay equal
+    aligned = [json.loads((tmp_path / f"align-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [a["steps"] for a in aligned] == [2, 2] and aligned[0]["losses"] != aligned[1]["losses"]
+    assert aligned[0]["checksum"] == pytest.approx(aligned[1]["checksum"], rel=0, abs=1e-9)
     for case in cases:
         arch, method, _ = case.split(":")
         ranks = [json.loads((tmp_path / f"{arch}-{method}-rank{r}.json").read_text()) for r in (0, 1)]
