@@ -669,3 +669,35 @@ def test_the_loss_through_a_wrappers_forward_is_the_same(arch):
         direct = response_loss(lm.model, batch, pre, 0.5)
         wrapped = response_loss(lm.model, batch, pre, 0.5, wrapped=True)
         assert torch.allclose(wrapped, direct, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- recipes
+
+def test_the_demo_recipe_file_holds_the_demo_models_settings():
+    from safety_layers.recipes.demo_model import demo_config
+
+    cfg = demo_config("somewhere")
+    assert (cfg.recipe, cfg.out, cfg.overwrite) == ("demo", "somewhere", True)
+    expect = dict(model="smollm2-135m-instruct", method="full", n_malicious=300, recovery_fraction=0.33,
+                  n_benign=600, answer_tokens=32, epochs=2.0, lr=1e-4, opening_weight=4.0, benign_weight=0.6,
+                  reopen=True, seed=0, batch_size=16, warmup=0.1, max_length=128, prefix_cache=True)
+    assert {k: getattr(cfg, k) for k in expect} == expect
+    assert all(type(getattr(cfg, k)) is type(v) for k, v in expect.items())   # 1e-4 read as a float
+
+
+def test_explicit_settings_win_over_a_recipe_and_bad_recipes_are_one_line_errors(tmp_path):
+    cfg = AlignConfig(recipe="demo", lr=3e-5, seed=2)
+    assert (cfg.lr, cfg.seed, cfg.n_malicious, cfg.opening_weight) == (3e-5, 2, 300, 4.0)
+    assert AlignConfig().lr == 3e-5 and AlignConfig().model == "smollm2-135m-instruct"   # no recipe: the defaults
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("lr: 2e-4\nepochs: 1\ntraining_args: {bf16: true}\n")
+    cfg = AlignConfig(recipe=str(mine), training_args={"seed": 5})
+    assert (cfg.lr, cfg.epochs, cfg.training_args) == (2e-4, 1.0, {"bf16": True, "seed": 5})
+    for text, match in (("lrr: 0.1\n", "did you mean 'lr'"), ("out: here\n", "unknown key 'out'"),
+                        ("reopen: maybe\n", "reopen must be a bool")):
+        mine.write_text(text)
+        with pytest.raises(SafetyLayersError, match=match) as e:
+            AlignConfig(recipe=str(mine))
+        assert "\n" not in str(e.value)
+    with pytest.raises(SafetyLayersError, match="unknown recipe 'dem'"):
+        AlignConfig(recipe="dem")
