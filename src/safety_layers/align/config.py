@@ -48,12 +48,14 @@ class AlignConfig:
                 "the training file)", "cli": False})
     heldout_benign: str | None = field(default=None, metadata={
         "help": "held-out benign prompts (as heldout_malicious)", "cli": False})
-    heldout_fraction: float | None = _opt(0.2, "share of a custom training file held out when no held-out file is given")
+    heldout_fraction: float | None = _opt(0.2, "share of a custom training file held out when no held-out file "
+                                                    "is given")
     n_malicious: int | None = field(default=None, metadata={
         "help": "use a seeded sample of this many malicious training prompts (None: all)", "cli": False})
     n_benign: int | None = field(default=None, metadata={
         "help": "use a seeded sample of this many benign training prompts (None: all)", "cli": False})
-    borderline: bool | None = _opt(True, "train on benign prompts of category 'borderline' (safe but alarming-sounding)")
+    borderline: bool | None = _opt(True, "train on benign prompts of category 'borderline' (safe but "
+                                         "alarming-sounding)")
     recovery_fraction: float | None = _opt(0.0, "share of malicious prompts also trained as compliant opener + refusal")
     reopen: bool | None = _opt(True, "answer a benign prompt the base model refuses again, the reply started by a "
                                      "helpful opening, instead of dropping it")

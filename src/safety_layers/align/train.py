@@ -241,7 +241,8 @@ def train_sft(lm: LoadedModel, examples: list[Example], settings: SFTSettings | 
     for p in lm.model.parameters():
         p.requires_grad_(True)
     losses = trainer.batch_losses
-    epoch_losses = [sum(losses[i:i + per_epoch]) / len(losses[i:i + per_epoch]) for i in range(0, len(losses), per_epoch)]
+    epochs = [losses[i:i + per_epoch] for i in range(0, len(losses), per_epoch)]
+    epoch_losses = [sum(e) / len(e) for e in epochs]
     return TrainStats(steps=trainer.state.global_step, examples=len(rows), tokens=trainer.tokens,
                       trained_tokens=trainer.trained_tokens, dropped_too_long=dropped, epoch_losses=epoch_losses,
                       seconds=time.perf_counter() - t0, trainable_parameters=n_train, total_parameters=n_total,

@@ -43,7 +43,8 @@ class FinetuneConfig:
     paper: bool = field(default=False, metadata={
         "help": "paper mode: Alpaca template and loss on prompt + response, where not set otherwise"})
     max_length: int = field(default=256, metadata={"help": "truncate each example to this many tokens (paper: 256)"})
-    limit: int | None = field(default=None, metadata={"help": "use only the first LIMIT rows of the data", "cli": False})
+    limit: int | None = field(default=None, metadata={
+        "help": "use only the first LIMIT rows of the data", "cli": False})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (methods lora and sppft-lora)"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha", "cli": False})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout", "cli": False})
@@ -95,7 +96,8 @@ def _flags_class():
 
     hints = typing.get_type_hints(FinetuneConfig)
     return dataclasses.make_dataclass("FinetuneFlags", [
-        (f.name, hints[f.name], field(default=f.default, metadata={"help": f.metadata["help"]})) for f in cli_fields(FinetuneConfig)])
+        (f.name, hints[f.name], field(default=f.default, metadata={"help": f.metadata["help"]}))
+        for f in cli_fields(FinetuneConfig)])
 
 
 def parse_finetune_args(argv: list[str] | None = None):

@@ -70,7 +70,8 @@ def resume_point(cfg, args) -> str | None:
         return str(ckpts[-1])
     if ckpts and not cfg.overwrite:
         raise SafetyLayersError(f"{output_dir} holds checkpoints of an earlier run (last: {ckpts[-1].name}): "
-                                "continue it with --resume-from-checkpoint last (resume=True) or pass --overwrite to start over")
+                                "continue it with --resume-from-checkpoint last (resume=True) or pass --overwrite "
+                                "to start over")
     return None
 
 
