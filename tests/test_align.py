@@ -176,7 +176,7 @@ def test_bad_inputs_are_one_line_errors(files, tmp_path):
         AlignConfig(recovery_fraction=1.5)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n{"category": "x"}\n')
-    with pytest.raises(SafetyLayersError, match="bad.jsonl:2 lacks prompt"):
+    with pytest.raises(SafetyLayersError, match="bad.jsonl line 2 lacks prompt"):
         load_records(bad, ("prompt",))
     only_weapons = _write(tmp_path / "r.jsonl", [REFUSALS[0]])
     with pytest.raises(SafetyLayersError, match="no refusal fits category 'fraud'"):

@@ -19,8 +19,8 @@ from helpers_finetune import (benign_rows, invariants, one_thread, run_case, sna
 
 from safety_layers.core.errors import SafetyLayersError
 from safety_layers.finetune import (FinetuneConfig, apply_method, export_axolotl, export_peft_config, finetune,
-                                    parse_finetune_args, prepare, read_band, resolve_band, tokenize_rows,
-                                    train_and_save, unfrozen_patterns)
+                                    prepare, read_band, resolve_band, tokenize_rows, train_and_save,
+                                    unfrozen_patterns)
 from safety_layers.core.layers import LayerRange
 
 TESTS = Path(__file__).resolve().parent
@@ -296,19 +296,35 @@ def test_peft_config_export():
         export_peft_config("0-3", lm)
 
 
-def test_parse_args_yaml_then_flags(tmp_path):
+def test_command_line_yaml_then_flags(tmp_path, monkeypatch):
+    """`safety-layers finetune`: a YAML of both dataclasses' fields, our flags over it, the
+    Trainer's flags passed through; what reaches finetune() is checked, nothing trains."""
+    import safety_layers.finetune as ft
+    from safety_layers.cli.main import run
+
+    seen = []
+    monkeypatch.setattr(ft, "finetune", lambda cfg, targs: seen.append((cfg, targs)) or 1 / 0)
+
+    def parse(argv):
+        with pytest.raises(ZeroDivisionError):
+            run(["finetune", *argv])
+        return seen.pop()
+
     y = tmp_path / "run.yaml"
-    y.write_text("method: sppft-lora\nlayers: 6-12\nlearning_rate: 0.0003\nlora_r: 8\noutput_dir: runs/x\n")
-    cfg, targs = parse_finetune_args(["--config", str(y), "--lora_r", "4", "--data", "d.jsonl"])
-    assert (cfg.method, cfg.layers, cfg.lora_r, cfg.data) == ("sppft-lora", "6-12", 4, "d.jsonl")
-    assert targs.learning_rate == 3e-4 and targs.output_dir == "runs/x"
-    _, auto = parse_finetune_args(["--method", "full", "--model", "smollm2-135m-instruct"])
+    y.write_text("method: sppft-lora\nlayers: 6-12\nlearning_rate: 0.0003\nlora_r: 8\nlora_alpha: 4\n"
+                 "output_dir: runs/x\n")
+    cfg, targs = parse(["--config", str(y), "--lora-r", "4", "--data", "d.jsonl", "--seed", "3"])
+    assert (cfg.method, cfg.layers, cfg.lora_r, cfg.lora_alpha, cfg.data) == ("sppft-lora", "6-12", 4, 4, "d.jsonl")
+    assert targs.learning_rate == 3e-4 and targs.output_dir == "runs/x" and targs.seed == 3
+    _, auto = parse(["--method", "full", "--model", "smollm2-135m-instruct"])
     assert re.fullmatch(r"runs/finetune-smollm2-135m-instruct-full-\d{8}-\d{6}", auto.output_dir)
     y.write_text("methd: sppft\n")
     with pytest.raises(SafetyLayersError, match="did you mean 'method'"):
-        parse_finetune_args(["--config", str(y)])
-    with pytest.raises(SystemExit):
-        parse_finetune_args(["--method", "nope"])
+        run(["finetune", "--config", str(y)])
+    with pytest.raises(SafetyLayersError, match="invalid choice"):
+        run(["finetune", "--method", "nope"])
+    with pytest.raises(SafetyLayersError, match="--lora-alpha"):
+        run(["finetune", "--lora-alpha", "8"])                  # a YAML-only field is no flag
 
 
 def test_full_method_trains_everything(tmp_path):

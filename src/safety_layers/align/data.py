@@ -23,7 +23,6 @@ alignment and fine-tuning share one label mask and truncation rule.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from importlib import resources
@@ -97,21 +96,15 @@ def _bundled(name: str) -> Path:
 
 
 def load_records(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
-    """Rows of a JSONL file that each carry ``fields``; a one-line error names the first bad row."""
-    path = Path(path)
-    if not path.is_file():
-        raise SafetyLayersError(f"alignment data file not found: {path}")
+    """Rows of a data file (JSONL, JSON, CSV: :func:`core.data.read_located_rows`) that each
+    carry ``fields``; a one-line error names the first bad row."""
+    from ..core.data import read_located_rows
+
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SafetyLayersError(f"{path}:{n} is not valid JSON ({e.msg}): one JSON object per line") from None
+    for where, row in read_located_rows(path):
         missing = [f for f in fields if not isinstance(row, dict) or not row.get(f)]
         if missing:
-            raise SafetyLayersError(f"{path}:{n} lacks {', '.join(missing)}: each line needs {', '.join(fields)}")
+            raise SafetyLayersError(f"{path} {where} lacks {', '.join(missing)}: each row needs {', '.join(fields)}")
         rows.append(row)
     return rows
 

@@ -6,7 +6,7 @@ collator every trainer of the package shares), ``methods`` (the band, freezing, 
 ``export`` (PEFT and Axolotl settings), ``run`` (prepare, train, save).
 """
 
-from .config import METHODS, FinetuneConfig, default_training_args, parse_finetune_args
+from .config import METHODS, FinetuneConfig, default_training_args
 from .data import Encoded, PadCollator, encode_ids, tokenize_rows
 from .export import export_axolotl, export_peft_config, lora_target_modules, skeleton, unfrozen_patterns
 from .methods import FreezePlan, add_lora, apply_method, freeze, read_band, resolve_band
@@ -16,7 +16,7 @@ from .trainer import estimate_bytes, optimizer_state_bytes
 __all__ = ["METHODS", "Encoded", "FinetuneConfig", "FinetuneResult", "FreezeCheckCallback", "FreezePlan",
            "PadCollator", "Prepared", "add_lora", "apply_method", "default_training_args", "encode_ids",
            "estimate_bytes", "export_axolotl", "export_peft_config", "finetune", "freeze", "lora_target_modules",
-           "optimizer_state_bytes", "parse_finetune_args", "prepare", "read_band", "resolve_band", "skeleton",
+           "optimizer_state_bytes", "prepare", "read_band", "resolve_band", "skeleton",
            "tokenize_rows", "train_and_save", "unfrozen_patterns"]
 
 

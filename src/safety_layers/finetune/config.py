@@ -1,15 +1,15 @@
-"""What one fine-tuning run does (:class:`FinetuneConfig`), the Trainer's defaults, and the
-command line of ``safety-layers finetune`` (our flags plus every ``TrainingArguments`` flag)."""
+"""What one fine-tuning run does (:class:`FinetuneConfig`) and the Trainer's defaults.
+
+``safety-layers finetune`` makes FinetuneConfig's command-line fields its flags and passes
+every other flag to ``TrainingArguments``."""
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..core.config import check_keys, cli_fields, from_mapping, init_fields, load_yaml, settle
+from ..core.config import settle
 from ..core.errors import SafetyLayersError
 
 METHODS = ("sppft", "full", "freeze", "lora", "sppft-lora")
@@ -87,49 +87,3 @@ def default_training_args(output_dir: str | Path, **overrides):
                 report_to="none", seed=42)
     base.update(overrides)
     return TrainingArguments(**base)
-
-
-def _flags_class():
-    """A dataclass of FinetuneConfig's command-line fields for HfArgumentParser (which passes
-    field metadata to argparse, so only the help goes along): the others are YAML and Python only."""
-    import typing
-
-    hints = typing.get_type_hints(FinetuneConfig)
-    return dataclasses.make_dataclass("FinetuneFlags", [
-        (f.name, hints[f.name], field(default=f.default, metadata={"help": f.metadata["help"]}))
-        for f in cli_fields(FinetuneConfig)])
-
-
-def parse_finetune_args(argv: list[str] | None = None):
-    """``(FinetuneConfig, TrainingArguments)`` from flags, after an optional ``--config run.yaml``.
-
-    The YAML holds any fields of either dataclass (flat); flags given on the command line
-    override it. Unknown YAML keys fail with the closest valid name. Without an
-    ``output_dir`` the run folder is ``runs/finetune-<model>-<method>-<time>``.
-    """
-    import argparse
-
-    from transformers import HfArgumentParser, TrainingArguments
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, rest = pre.parse_known_args(argv)
-    values = load_yaml(known.config) if known.config else {}
-    ours, theirs = set(init_fields(FinetuneConfig)), set(init_fields(TrainingArguments))
-    check_keys(str(known.config), values, ours | theirs)
-    flags = _flags_class()
-    parser = HfArgumentParser((flags, TrainingArguments))
-    parser.set_defaults(**{k: v for k, v in values.items() if k in theirs or k in init_fields(flags)})
-    given, targs = parser.parse_args_into_dataclasses(rest, look_for_args_file=False)
-    settings = {**{k: v for k, v in values.items() if k in ours}, **dataclasses.asdict(given)}
-    cfg = from_mapping(FinetuneConfig, settings, "finetune settings")
-    named = any(a.split("=")[0] in ("--output_dir", "--output-dir") for a in rest)
-    if not named and "output_dir" not in values:
-        targs.output_dir = str(default_run_dir(cfg))
-    return cfg, targs
-
-
-def default_run_dir(cfg: FinetuneConfig) -> Path:
-    from ..core.runs import slug
-
-    return Path("runs") / f"finetune-{slug(cfg.model)}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -111,7 +111,7 @@ def export_axolotl(band: LayerRange | str, model, freeze_norms: bool = False) ->
     """
     import yaml
 
-    from .. import __version__
+    from ..core import __version__
 
     module, blocks = _blocks_of(model)
     band = LayerRange.parse(band).check(len(blocks))

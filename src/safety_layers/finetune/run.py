@@ -40,8 +40,7 @@ import torch
 from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
 from .callbacks import freeze_check_class
-from .config import (BAND_METHODS, LORA_METHODS, METHODS, FinetuneConfig, default_run_dir,  # noqa: F401
-                     default_training_args, parse_finetune_args)
+from .config import BAND_METHODS, LORA_METHODS, METHODS, FinetuneConfig, default_training_args  # noqa: F401
 from .data import PadCollator, TokenizedData, tokenize_rows
 from .methods import FreezePlan, apply_method, resolve_band
 from .trainer import check_disk, checkpoints, estimate_bytes, is_main, optimizer_state_bytes, resume_point
@@ -128,9 +127,12 @@ def prepare(cfg: FinetuneConfig, training_args=None, *, model=None, callbacks=No
     from transformers import Trainer
 
     from ..core.models import load_model, load_or_use
-    from ..scenarios import read_records, sha256_file
+    from ..core.data import read_records, sha256_file
 
-    args = training_args if training_args is not None else default_training_args(default_run_dir(cfg))
+    from ..core.runs import default_run_dir
+
+    args = training_args if training_args is not None else default_training_args(
+        default_run_dir("finetune", cfg.model, cfg.method))
     if not cfg.data:
         raise SafetyLayersError("no training data: pass --data FILE.jsonl (build one with `safety-layers scenario`)")
     resolve_band(cfg)
