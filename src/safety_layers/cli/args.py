@@ -88,7 +88,8 @@ def add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hint, posit
         kwargs.update(choices=list(typing.get_args(tp)))
     else:
         kwargs.update(type=tp if tp in (int, float) else str)
-    parser.add_argument(flag(f.name), help=text + default_text(f), **kwargs)
+    shown = "" if "(default:" in text else default_text(f)      # a help line that states it already
+    parser.add_argument(flag(f.name), help=text + shown, **kwargs)
     if alias and "_" in f.name:
         parser.add_argument(f"--{f.name}", help=argparse.SUPPRESS, **kwargs)
 
