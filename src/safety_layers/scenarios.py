@@ -223,7 +223,7 @@ def build_scenario(name: str | ScenarioConfig, source: str | Path | None = None,
     The JSONL and its manifest are each written atomically.
     """
     from .core import __version__
-    from .core.runs import atomic_write, write_json
+    from .core.runs import atomic_write, check_out_file, write_json
 
     if isinstance(name, ScenarioConfig):
         cfg = name
@@ -235,9 +235,8 @@ def build_scenario(name: str | ScenarioConfig, source: str | Path | None = None,
         raise SafetyLayersError("no source file: pass the benign instruction file (JSON, JSONL or CSV)")
     if not cfg.out:
         raise SafetyLayersError("no output file: pass --out FILE.jsonl")
-    out_path = Path(cfg.out)
-    if out_path.exists() and not cfg.overwrite:
-        raise SafetyLayersError(f"{out_path} exists: choose another --out or pass --overwrite")
+    out_path = check_out_file(cfg.out, overwrite=cfg.overwrite)
+    check_out_file(manifest_path(out_path), overwrite=True)
     recs = read_records(cfg.source, dedupe=True)
     if not recs.rows:
         raise SafetyLayersError(f"{cfg.source} has no usable rows after dropping {recs.dropped_empty} blank and "
