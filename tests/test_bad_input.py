@@ -72,6 +72,7 @@ def _files(root: Path) -> None:
         "trainer.yaml": b"num_train_epochs: two\n", "direction.yaml": b"direction: sideways\n",
         "latin1.yaml": "template: caf\u00e9\n".encode("latin-1"),
         "experiment.yaml": b"name: x\nmodel: tiny\nbogus: 1\n",
+        "exp-ok.yaml": b"name: x\nmodel: tiny\ndata: train.jsonl\nband: 1-2\n",
     }
     for name, data in files.items():
         (root / name).write_bytes(data)
@@ -205,6 +206,8 @@ CASES = [
     ("report folder missing", ["report", "missing-run"], ["missing-run"]),
     ("experiment yaml missing", ["experiment", "missing.yaml"], ["missing.yaml", "not found"]),
     ("experiment unknown key", ["experiment", "experiment.yaml"], ["bogus"]),
+    ("experiment out is a file", ["experiment", "exp-ok.yaml", "--out", "a-file.txt"], ["a-file.txt", "is a file"]),
+    ("demo out is a file", ["demo", "--out", "a-file.txt"], ["a-file.txt", "is a file"]),
 ]
 
 

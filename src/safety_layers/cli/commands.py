@@ -275,10 +275,12 @@ def experiment_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_experiment(args: argparse.Namespace) -> int:
+    from ..core.runs import check_out_dir
     from ..experiment import ExperimentConfig, run_experiment as run
 
     library_bars(args.progress)
     cfg = ExperimentConfig.from_yaml(args.config, args.name)
+    check_out_dir(args.out or Path("runs") / "experiment", resume=True)     # a rerun into it resumes
     paper_note(cfg)
     result = run(cfg, args.out, progress=args.progress)
     folder = Path(result.run_dir)
@@ -302,9 +304,11 @@ def run_report(cfg) -> int:
 
 
 def run_demo(cfg) -> int:
+    from ..core.runs import check_out_dir
     from ..recipes.demo import run_demo as run
 
     library_bars(cfg.progress)
+    check_out_dir(cfg.out, resume=True)                                   # a rerun reuses what it holds
     folder = run(cfg)
     print(f"demo finished: open {Path(folder) / 'report.html'}")
     return 0
