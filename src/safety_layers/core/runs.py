@@ -134,16 +134,15 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def _check_writable(target: Path, flag: str) -> Path:
-    """The folder ``target`` would be created in, or one line saying why it cannot be written
-    (its nearest existing ancestor is a file, is read-only or is not ours)."""
-    anchor = _nearest_existing(target if not target.exists() else target.parent)
+def _check_writable(where: Path, target: Path, flag: str) -> None:
+    """One line unless ``target`` can be written in the folder ``where`` (or, if that does not
+    exist yet, in its nearest existing ancestor): not a file, not read-only, ours."""
+    anchor = _nearest_existing(where)
     if not anchor.is_dir():
         raise SafetyLayersError(f"cannot create {target}: {anchor} is a file, not a folder: choose another {flag}")
     if not os.access(anchor, os.W_OK | os.X_OK):
         raise SafetyLayersError(f"cannot write {target}: {anchor} is read-only for this user: choose another {flag} "
                                 "or make the folder writable")
-    return anchor
 
 
 def check_out_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False, whole: bool = False,
@@ -151,20 +150,17 @@ def check_out_dir(path: str | Path, *, overwrite: bool = False, resume: bool = F
     """Check, before any work, that ``path`` can be a run folder: not a file, creatable or
     writable, and (unless ``overwrite``, or ``resume`` for commands that continue the run
     they find) empty if it exists. ``whole``: a folder written in one piece
-    (:func:`atomic_dir`, a saved model), which must not exist at all unless ``overwrite``.
-    Returns the path."""
+    (:func:`atomic_dir`, a saved model), which must not exist at all unless ``overwrite``
+    (it is written beside, then renamed). Returns the path."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise SafetyLayersError(f"{flag} {path} is a file: give a folder (it is created if missing)")
-    _check_writable(path, flag)
+    _check_writable(path.parent if whole else path, path, flag)
     if whole and path.exists() and not overwrite:
         raise SafetyLayersError(f"{path} exists: choose another output folder or pass --overwrite")
-    if path.is_dir():
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise SafetyLayersError(f"cannot write {path}: the folder is read-only for this user: choose another {flag}")
-        if not (overwrite or resume) and any(p.name != LOCK_NAME for p in path.iterdir()):
-            raise SafetyLayersError(f"output folder {path} exists and is not empty: pass --overwrite or choose "
-                                    f"another {flag}")
+    if path.is_dir() and not (overwrite or resume) and any(p.name != LOCK_NAME for p in path.iterdir()):
+        raise SafetyLayersError(f"output folder {path} exists and is not empty: pass --overwrite or choose "
+                                f"another {flag}")
     return path
 
 
@@ -176,7 +172,7 @@ def check_out_file(path: str | Path, *, overwrite: bool = False, flag: str = "--
         raise SafetyLayersError(f"{flag} {path} is a folder: give a file name (e.g. {path / 'train.jsonl'})")
     if path.exists() and not overwrite:
         raise SafetyLayersError(f"{path} exists: choose another {flag} or pass --overwrite")
-    _check_writable(path, flag)
+    _check_writable(path.parent, path, flag)        # written beside, then renamed into place
     return path
 
 
