@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import typing
@@ -50,6 +51,11 @@ def _files(root: Path) -> None:
     lm.model.config.save_pretrained(root / "no-weights")
     (root / "no-tokenizer").mkdir()
     lm.model.save_pretrained(root / "no-tokenizer", safe_serialization=True)
+    for name, file, cut in (("bad-config", "config.json", b"{not json"), ("bad-tokenizer", "tokenizer.json", b"{x"),
+                            ("cut-weights", "model.safetensors", None)):
+        shutil.copytree(root / "tiny", root / name)
+        data = (root / name / file).read_bytes()
+        (root / name / file).write_bytes(cut if cut is not None else data[:len(data) // 2])
     files = {
         "cut.gguf": b"GGUF\x03\x00\x00\x00" + b"\x00" * 24,
         "fake.gguf": b"PK\x03\x04 not a gguf file",
@@ -77,6 +83,8 @@ def _files(root: Path) -> None:
     for name, data in files.items():
         (root / name).write_bytes(data)
     (root / "a-folder").mkdir()
+    (root / "broken-run").mkdir()
+    (root / "broken-run" / "result.json").write_text("{")
     (root / "full").mkdir()
     (root / "full" / "x.txt").write_text("x")
 
@@ -165,6 +173,9 @@ CASES = [
     ("folder without weights", ["analyze", "--model", "no-weights"], ["no-weights", "no weights"]),
     ("folder without tokenizer", ["analyze", "--model", "no-tokenizer"], ["no-tokenizer", "tokenizer"]),
     ("not a gguf", ["analyze", "--model", "fake.gguf"], ["fake.gguf", "not a GGUF file"]),
+    ("config.json not JSON", ["analyze", "--model", "bad-config"], ["bad-config", "config.json", "not a valid JSON"]),
+    ("tokenizer.json not JSON", ["evaluate", "--model", "bad-tokenizer"], ["tokenizer of 'bad-tokenizer'", "damaged"]),
+    ("truncated safetensors", ["locate", "--model", "cut-weights"], ["weights of 'cut-weights'", "truncated"]),
     ("gguf missing", ["analyze", "--model", "missing.gguf"], ["missing.gguf", "not found"]),
     ("model is a file", ["evaluate", "--model", "a-file.txt"], ["a-file.txt", "not a model folder"]),
     ("model folder missing", ["analyze", "--model", "./missing"], ["missing", "not found"]),
@@ -208,6 +219,16 @@ CASES = [
     ("experiment unknown key", ["experiment", "experiment.yaml"], ["bogus"]),
     ("experiment out is a file", ["experiment", "exp-ok.yaml", "--out", "a-file.txt"], ["a-file.txt", "is a file"]),
     ("demo out is a file", ["demo", "--out", "a-file.txt"], ["a-file.txt", "is a file"]),
+    ("unknown template", ["analyze", *TINY, "--template", "alpacca", "--limit", "2"], ["alpacca", "alpaca"]),
+    ("llm judge without a model", ["evaluate", *TINY, "--judges", "keyword,llm"], ["--judge-model"]),
+    ("classifier judge without a model", ["evaluate", *TINY, "--judges", "classifier"], ["--classifier-model"]),
+    ("alpha below zero", ["locate", *TINY, "--alpha", "-1"], ["alpha", "-1"]),
+    ("finetune without data", ["finetune", *TINY, "--method", "full"], ["--data"]),
+    ("finetune locate result missing", ["finetune", *TINY, "--data", "train.jsonl", "--locate", "missing.json"],
+     ["missing.json", "not found"]),
+    ("harmful scenario without pairs", ["scenario", "--scenario", "harmful", "--source", "train.jsonl",
+                                        "--out", "s.jsonl"], ["--harmful"]),
+    ("report of a damaged run", ["report", "broken-run"], ["result.json", "not valid JSON"]),
 ]
 
 

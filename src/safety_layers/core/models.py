@@ -487,16 +487,26 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype="float32", device: str | None
 
 
 def _from_pretrained(name: str, loc: str, **kwargs):
-    """Tokenizer and model from a checked folder or hub id; transformers' errors become one line."""
+    """Tokenizer and model from a checked folder or hub id; transformers' and safetensors'
+    errors become one line naming the part that failed."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def fail(part: str, e: Exception):
+        first = re.split(r"(?<=[.!?])\s", " ".join(str(e).split()), maxsplit=1)[0]    # one whole sentence
+        hint = (": a file is damaged or truncated, download or save it again"
+                if isinstance(e, (SafetensorError, json.JSONDecodeError)) else "")
+        return SafetyLayersError(f"cannot load the {part} of {name!r}: {first or type(e).__name__}{hint}")
 
     tok_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "revision", "local_files_only")}
     try:
         tok = AutoTokenizer.from_pretrained(loc, **tok_kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise fail("tokenizer", e) from None
+    try:
         model = AutoModelForCausalLM.from_pretrained(loc, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        first = re.split(r"(?<=[.!?])\s", " ".join(str(e).split()), maxsplit=1)[0]    # one whole sentence
-        raise SafetyLayersError(f"cannot load model {name!r}: {first or type(e).__name__}") from None
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise fail("weights", e) from None
     return model, tok
 
 
