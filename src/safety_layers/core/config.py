@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .data import read_text
 from .errors import SafetyLayersError
 
 T = TypeVar("T")
@@ -50,10 +51,7 @@ def load_yaml(path: str | Path, *, documents: bool = False) -> Any:
     if not path.is_file():
         raise SafetyLayersError(f"config file not found: {path}" if not path.is_dir() else
                                 f"{path} is a folder: give the path of a YAML file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise SafetyLayersError(f"{path} is not UTF-8 text: save the config file as UTF-8") from None
+    text = read_text(path, "YAML file")
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as e:
