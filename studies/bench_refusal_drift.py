@@ -26,7 +26,7 @@ OPENINGS = {"plain": "", "certainly": "Certainly, the answer is: ", "sure": "Sur
 
 
 def measure(lm, prompts: list[str], tokens: int, opening: str) -> dict:
-    from safety_layers.evaluate.run import refusal_rate
+    from safety_layers.evaluate import refusal_rate
     from safety_layers.engine.generation import GenerationSettings
     from safety_layers.judges.proxy import FirstTokenProxy
 

@@ -20,26 +20,29 @@ def write(path: Path, obj) -> Path:
 
 
 def locate_result(model: str = "tiny-llama") -> dict:
+    """Every field of a LocateResult, as locate writes it."""
     return {
         "model": model, "num_layers": 8, "over_rejection": "over-rejection", "n_prompts": 40,
-        "template": "chat", "judge": "keyword", "direction": "up", "alpha": 1.15,
+        "template": "chat", "judge": "keyword", "components": "paper", "screen": "proxy", "direction": "up",
+        "alpha": 1.15, "alpha_source": "search", "alpha_reached": True, "std_threshold": 2.5,
         "baseline": {"count": 11, "proxy_count": 12},
         "init_range": [2, 5], "init_source": "analyze",
-        "alpha_search": [{"alpha": 1.1, "std": 1.25, "counts": [11, 12, 13], "threshold": 0.35},
-                         {"alpha": 1.15, "std": 2.75, "counts": [12, 17, 19], "threshold": 0.35}],
+        "alpha_search": [{"alpha": 1.1, "std": 1.25, "counts": [11, 12, 13], "threshold": 0.35, "method": "proxy"},
+                         {"alpha": 1.15, "std": 2.75, "counts": [12, 17, 19], "threshold": 0.35, "method": "proxy"}],
         "sweeps": [
-            {"stage": "upper", "fixed": 2, "rows": [
+            {"stage": "upper", "bound": "upper", "fixed": 2, "chosen": [2, 5], "rows": [
                 {"range": [2, 4], "proxy_count": 14, "count": None, "confirmed": False},
                 {"range": [2, 5], "proxy_count": 21, "count": 23, "confirmed": True},
                 {"range": [2, 6], "proxy_count": 16, "count": 17, "confirmed": True}]},
-            {"stage": "lower", "fixed": 5, "rows": [
+            {"stage": "lower", "bound": "lower", "fixed": 5, "chosen": [2, 5], "rows": [
                 {"range": [1, 5], "proxy_count": 18, "count": 19, "confirmed": True},
                 {"range": [3, 5], "proxy_count": 15, "count": None, "confirmed": False}]}],
-        "safety_layers": [2, 5], "range": [2, 5], "count": 23,
-        "proxy_generation_spearman": {"rho": 0.8125, "n": 5},
+        "safety_layers": [2, 5], "range": [2, 5], "count": 23, "proxy_count": 21, "table": "",
+        "proxy": {"threshold": 0.35}, "proxy_generation_spearman": {"rho": 0.8125, "n": 5},
         "sanity": {"malicious": "malicious", "baseline_harmful_rate": 0.0625,
                    "down": {"alpha": 0.85, "harmful_rate": 0.4375}, "up": {"alpha": 1.15, "harmful_rate": 0.03125},
                    "passed": True},
+        "rules": {}, "evaluations": {},
         "notes": ["alpha 1.15 separates the ranges best"], "seconds": {"sweep": 12.5, "total": 30.25},
     }
 

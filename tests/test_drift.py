@@ -12,8 +12,9 @@ from conftest import tiny_model
 from helpers_finetune import benign_rows, one_thread, run_case, write_jsonl
 
 from safety_layers.analysis.run import AnalyzeConfig, analyze
-from safety_layers.experiment.drift import (BandProbe, DriftConfig, band_holds, drift_on_demand, gap_curves, gap_shift,
-                                 weight_change, write_drift)
+from safety_layers.experiment import drift_on_demand
+from safety_layers.experiment.drift import (BandProbe, DriftConfig, band_holds, gap_curves, gap_shift, weight_change,
+                                            write_drift)
 from safety_layers.core.errors import SafetyLayersError
 from safety_layers.judges.proxy import FirstTokenProxy
 from safety_layers.core.scaling import scaled_layers
@@ -138,7 +139,7 @@ def test_write_drift_assembles_the_cells_and_draws(tmp_path):
 
 
 def test_drift_on_demand_for_kept_models(tmp_path):
-    from safety_layers.experiment.run import ExperimentConfig, run_experiment
+    from safety_layers.experiment import ExperimentConfig, run_experiment
 
     data = write_jsonl(tmp_path / "benign.jsonl", benign_rows(12))
     cfg = ExperimentConfig(model="tiny-llama", band="1-2", data=str(data), n=8, scenarios=["normal"],

@@ -13,8 +13,8 @@ from helpers_finetune import benign_rows, one_thread, write_jsonl
 
 from safety_layers.finetune import run as ft
 from safety_layers.core.errors import SafetyLayersError
-from safety_layers.experiment.run import (ExperimentConfig, aggregate, cell_id, grid, method_band, read_experiment,
-                                      results_markdown, run_experiment, t_interval)
+from safety_layers.experiment import (ExperimentConfig, aggregate, cell_id, grid, method_band, read_experiment,
+                                  results_markdown, run_experiment, t_interval)
 from safety_layers.core.layers import LayerRange
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,7 +303,7 @@ def test_real_model_end_to_end(real_model, tmp_path):
 # --------------------------------------------------------------------------- locate and the demo wiring
 
 def test_band_from_locate_is_found_once_and_reused(tmp_path, monkeypatch):
-    import safety_layers.locate.run as locate_mod
+    import safety_layers.experiment.runner as runner_mod
 
     monkeypatch.setenv("SAFETY_LAYERS_CACHE", str(tmp_path / "cache"))
     calls = []
@@ -312,10 +312,10 @@ def test_band_from_locate_is_found_once_and_reused(tmp_path, monkeypatch):
         """Writes what the locate contract promises (result.json with safety_layers, alpha, direction)."""
         calls.append((cfg.limit, model.num_layers, Path(run_dir).name))
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(run_dir) / "result.json").write_text(json.dumps({"safety_layers": [2, 3], "range": [2, 3],
-                                                               "alpha": 1.35, "direction": "up"}))
+        (Path(run_dir) / "result.json").write_text(json.dumps({"safety_layers": [2, 3], "alpha": 1.35,
+                                                               "direction": "up"}))
 
-    monkeypatch.setattr(locate_mod, "locate", fake_locate)
+    monkeypatch.setattr(runner_mod, "locate", fake_locate)
     data = write_jsonl(tmp_path / "benign.jsonl", benign_rows(12))
     cfg = tiny_config(data, band=None, locate={"limit": 5}, analysis=None, scenarios=["normal"], methods=["sppft"],
                       evaluate={"limit": 3, "max_new_tokens": 3, "over_rejection": None})

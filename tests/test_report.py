@@ -20,7 +20,7 @@ from PIL import Image
 
 from safety_layers.analysis.run import AnalyzeConfig, analyze
 from safety_layers.core.errors import SafetyLayersError
-from safety_layers.report.run import PNG_MAGIC, ReportConfig, detect, fmt, report, write_report
+from safety_layers.report import PNG_MAGIC, ReportConfig, detect, fmt, report, write_report
 
 
 class Page(HTMLParser):

@@ -769,7 +769,7 @@ def refusal_rate(lm: LoadedModel, prompts: list[str], max_new_tokens: int = 48, 
     (:func:`evaluate.refusal_rate`, reduced to the counts the align manifest keeps). With
     per-prompt ``labels`` (e.g. ``{"category": "hate", "form": "short"}``) the counts are also
     broken down under ``by`` (see :func:`breakdown`)."""
-    from ..evaluate.run import refusal_rate as over_refusal
+    from ..evaluate import refusal_rate as over_refusal
     from ..engine.generation import GenerationSettings
 
     r = over_refusal(lm, prompts, judges=("keyword",), settings=GenerationSettings(max_new_tokens=max_new_tokens),

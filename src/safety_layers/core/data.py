@@ -219,10 +219,6 @@ def read_rows(path: str | Path, column: str | None = None) -> tuple[list[dict], 
     return rows, list(dict.fromkeys(k for r in rows for k in r))
 
 
-# evaluate's load_references still imports this name; remove it once it calls read_rows.
-_rows_from_file = read_rows
-
-
 def _pick(rows: list[dict], cols: list[str], column: str | None, where: str) -> str:
     if column:
         if column not in cols:

@@ -11,7 +11,7 @@ Three views of one tuned model against the untuned one it started from:
     same prompts, template and statistics as the baseline, so the two gap curves compare.
 ``band_holds``
     does the band still do what localization found it doing? Scaling a safety band by
-    alpha > 1 makes an aligned model refuse more benign over-rejection prompts (paper.md §3).
+    alpha > 1 makes an aligned model refuse more benign over-rejection prompts (paper §3.4).
     We count those refusals with and without the scaling, on the untuned and on the tuned
     model. The rise on the tuned model as a share of the rise on the untuned one is
     ``retained``; the band "holds" when at least half of the rise is retained.
@@ -23,70 +23,27 @@ calibrated on the untuned model's keyword verdicts, scaled and unscaled pooled.
 An experiment run writes one ``cells/<id>/drift.json`` per tuned model and
 ``drift/baseline.json`` for the untuned one; :func:`write_drift` assembles them into
 ``drift/drift.json`` and draws ``drift/weight_change.png``, ``drift/gap_curves.png`` and
-``drift/band_holds.png``.
+``drift/band_holds.png``; :func:`plot_drift_overview` draws the same panels as one figure for
+a report. :func:`drift_summary` keeps the few numbers a cell's record holds.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
+from ..core.runs import read_json, write_json
+from .config import DriftConfig
 
 DRIFT_VERSION = 1
 DEFAULT_ALPHA = 1.2
 HOLDS_SHARE = 0.5   # share of the untuned model's refusal rise a tuned band must keep to "hold"
-
-
-@dataclass
-class DriftConfig:
-    """What the drift diagnostics compute (the ``drift:`` section of an experiment config)."""
-
-    enabled: bool = field(default=True, metadata={"help": "compute drift diagnostics for every tuned cell"})
-    weights: bool = field(default=True, metadata={"help": "per-layer relative weight change"})
-    gap: bool = field(default=True, metadata={"help": "re-run the existence analysis on the tuned model"})
-    band_holds: bool = field(default=True, metadata={
-        "help": "over-rejection refusals with the band scaled by alpha, tuned vs untuned"})
-    alpha: float | None = field(default=None, metadata={
-        "help": "scale for band_holds (> 1); None: the locate result's alpha when it scaled up, else 1.2"})
-    over_rejection: str = field(default="over-rejection", metadata={"help": "prompt set for band_holds"})
-    limit: int | None = field(default=None, metadata={"help": "use only the first LIMIT over-rejection prompts"})
-    judge: str = field(default="keyword", metadata={
-        "help": "keyword (generate + keyword judge) or proxy (first-token proxy, calibrated on the untuned model)"})
-    max_new_tokens: int = field(default=16, metadata={"help": "tokens generated per prompt (paper's code: 16)"})
-    components: str = field(default="paper", metadata={"help": "what scaling multiplies: paper, no-o-proj, attn, mlp"})
-
-    def __post_init__(self):
-        if self.judge not in ("keyword", "proxy"):
-            raise SafetyLayersError(f"drift judge must be keyword or proxy, got {self.judge!r}")
-        if self.alpha is not None and not self.alpha > 1:
-            raise SafetyLayersError(f"drift alpha must be > 1 (the band is amplified), got {self.alpha}")
-        if self.max_new_tokens < 1:
-            raise SafetyLayersError(f"drift max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.limit is not None and self.limit < 1:
-            raise SafetyLayersError(f"drift limit must be >= 1, got {self.limit}")
-
-    @classmethod
-    def from_value(cls, value) -> "DriftConfig":
-        """``True``/``False``/None, a mapping of fields, or a DriftConfig."""
-        if isinstance(value, DriftConfig):
-            return value
-        if value is None or value is True:
-            return cls()
-        if value is False:
-            return cls(enabled=False)
-        if not isinstance(value, dict):
-            raise SafetyLayersError(f"drift must be true, false or a mapping of drift settings, got {value!r}")
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - allowed)
-        if unknown:
-            raise SafetyLayersError(f"unknown key(s) in drift: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-        return cls(**value)
 
 
 # --------------------------------------------------------------------------- weights
@@ -204,7 +161,7 @@ class BandProbe:
 
     def _keyword(self, lm) -> list[bool]:
         from ..engine.generation import GenerationSettings, generate
-        from ..judges.refusal import get_judge
+        from ..judges import get_judge
 
         comps = generate(lm, self.prompts, GenerationSettings(max_new_tokens=self.cfg.max_new_tokens),
                          template=self.template, progress=self.progress)
@@ -301,15 +258,13 @@ class DriftRunner:
         if self._baseline is not None:
             return self._baseline
         if self.path.is_file():
-            saved = json.loads(self.path.read_text(encoding="utf-8"))
+            saved = read_json(self.path, "drift baseline")
             if saved.get("settings") == json.loads(json.dumps(self._settings())):
                 self._baseline = saved
                 if self.cfg.band_holds:
                     self._probe = BandProbe(self.cfg, self.band, self.alpha, self.template, self.progress)
                     self._probe.threshold = (saved.get("band_holds") or {}).get("probe", {}).get("threshold")
                 return saved
-        from ..core.runs import write_json
-
         out: dict = {"version": DRIFT_VERSION, "settings": self._settings(), "gap": None, "band_holds": None}
         if self.cfg.gap:
             out["gap"] = self._baseline_gap or gap_curves(self.base, self.acfg, progress=self.progress)
@@ -319,7 +274,7 @@ class DriftRunner:
             out["band_holds"] = {"probe": self._probe.describe(), "calibration": cal,
                                  "counts": self._probe.counts(self.base)}
         write_json(self.path, out)
-        self._baseline = json.loads(self.path.read_text(encoding="utf-8"))
+        self._baseline = read_json(self.path, "drift baseline")
         return self._baseline
 
     def cell(self, tuned, frozen_band: LayerRange | None = None) -> dict:
@@ -346,16 +301,14 @@ class DriftRunner:
 
 def write_drift(run_dir: str | Path, plots: bool = True) -> dict | None:
     """Assemble ``drift/drift.json`` from the cells' drift files (and draw the plots); None if none."""
-    from ..core.runs import write_json
-
     run = Path(run_dir)
     base_path = run / "drift" / "baseline.json"
     cells = {}
     for p in sorted((run / "cells").glob("*/drift.json")):
-        cells[p.parent.name] = json.loads(p.read_text(encoding="utf-8"))
+        cells[p.parent.name] = read_json(p, "cell drift")
     if not cells and not base_path.is_file():
         return None
-    baseline = json.loads(base_path.read_text(encoding="utf-8")) if base_path.is_file() else {}
+    baseline = read_json(base_path, "drift baseline") if base_path.is_file() else {}
     gap = baseline.get("gap") or {}
     out = {"version": DRIFT_VERSION, "band": (baseline.get("settings") or {}).get("band"),
            "baseline_gap_curve": gap.get(gap.get("curve", "centred")) if gap else None,
@@ -366,79 +319,113 @@ def write_drift(run_dir: str | Path, plots: bool = True) -> dict | None:
     return out
 
 
-def plot_drift(drift: dict, folder: str | Path) -> list[Path]:
-    """weight_change.png, gap_curves.png and band_holds.png for an assembled drift.json."""
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _cell_label(cid: str, d: dict) -> str:
+    return f"{d.get('method', cid)} (lr {d.get('lr', '?'):g}, seed {d.get('seed', '?')})" \
+        if isinstance(d.get("lr"), (int, float)) else cid
+
+
+def _shade(ax, band) -> None:
+    if band:
+        ax.axvspan(band[0] - 0.5, band[1] + 0.5, color="tab:red", alpha=0.12, label=f"band {band[0]}-{band[1]}")
+
+
+def _weight_panel(ax, cells: list[tuple[str, dict]], band, title: str) -> None:
+    """Per-layer relative weight change of each cell, the band shaded."""
+    for cid, d in cells:
+        ax.plot(d["weight_change"]["per_layer_rel_norm"], marker="o", ms=3, label=_cell_label(cid, d))
+    _shade(ax, band)
+    ax.set_title(title)
+    ax.set_xlabel("layer (0-based)")
+    ax.legend(fontsize=7)
+
+
+def _gap_panel(ax, cells: list[tuple[str, dict]], drift: dict, band, title: str) -> None:
+    """The untuned model's gap curve and each cell's, the band shaded."""
+    if drift.get("baseline_gap_curve"):
+        ax.plot(drift["baseline_gap_curve"], color="black", lw=2, label="untuned")
+    for cid, d in cells:
+        ax.plot(d["gap_curve"], lw=1.3, label=_cell_label(cid, d))
+    _shade(ax, band)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_title(title)
+    ax.set_xlabel("layer (0-based)")
+    ax.legend(fontsize=7)
+
+
+def _holds_plot(plt, drift: dict, path: Path) -> Path | None:
+    """Refusals with the band as is and scaled, untuned vs every cell."""
+    holds = [(cid, d["band_holds"]) for cid, d in drift["cells"].items() if d.get("band_holds")]
+    if not holds:
+        return None
+    base = holds[0][1]["untuned"]
+    names = ["untuned"] + [cid.replace("__", "\n") for cid, _ in holds]
+    un = [base["unscaled"]] + [h["tuned"]["unscaled"] for _, h in holds]
+    sc = [base["scaled"]] + [h["tuned"]["scaled"] for _, h in holds]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(names)), 4.0))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], un, width=0.4, label="band as is")
+    probe = (drift.get("baseline_band_holds") or {}).get("probe") or {}
+    ax.bar([x + 0.2 for x in xs], sc, width=0.4, label=f"band x {probe.get('alpha', '?')}")
+    ax.set_xticks(list(xs), names, fontsize=6)
+    ax.set_ylabel(f"refusals of {base.get('n', '?')} over-rejection prompts")
+    ax.set_title(f"does the band still hold? ({probe.get('judge', '?')} judge)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path, plt)
+
+
+def _with(drift: dict, key: str) -> list[tuple[str, dict]]:
+    return [(cid, d) for cid, d in drift["cells"].items() if d.get(key)]
+
+
+def plot_drift(drift: dict, folder: str | Path) -> list[Path]:
+    """weight_change.png, gap_curves.png (one panel per scenario) and band_holds.png for an
+    assembled drift.json."""
+    plt = _plt()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     band = drift.get("band")
-    groups: dict[str, list[tuple[str, dict]]] = {}
-    for cid, d in drift["cells"].items():
-        groups.setdefault(d.get("scenario") or cid.split("__")[0], []).append((cid, d))
+    curve = (drift.get("baseline_gap") or {}).get("curve", "centred")
     written = []
-
-    def shade(ax):
-        if band:
-            ax.axvspan(band[0] - 0.5, band[1] + 0.5, color="tab:red", alpha=0.12, label=f"band {band[0]}-{band[1]}")
-
-    def label(cid, d):
-        return f"{d.get('method', cid)} (lr {d.get('lr', '?'):g}, seed {d.get('seed', '?')})" \
-            if isinstance(d.get("lr"), (int, float)) else cid
-
-    with_w = {s: [(c, d) for c, d in g if d.get("weight_change")] for s, g in groups.items()}
-    with_w = {s: g for s, g in with_w.items() if g}
-    if with_w:
-        fig, axes = plt.subplots(1, len(with_w), figsize=(6 * len(with_w), 3.8), squeeze=False)
-        for ax, (scen, g) in zip(axes[0], with_w.items()):
-            for cid, d in g:
-                ax.plot(d["weight_change"]["per_layer_rel_norm"], marker="o", ms=3, label=label(cid, d))
-            shade(ax)
-            ax.set_title(f"{scen}: ||W_t - W_0|| / ||W_0|| (attention + MLP)")
-            ax.set_xlabel("layer (0-based)")
-            ax.legend(fontsize=7)
+    for key, name in (("weight_change", "weight_change.png"), ("gap_curve", "gap_curves.png")):
+        groups: dict[str, list[tuple[str, dict]]] = {}
+        for cid, d in _with(drift, key):
+            groups.setdefault(d.get("scenario") or cid.split("__")[0], []).append((cid, d))
+        if not groups:
+            continue
+        fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 3.8), squeeze=False)
+        for ax, (scen, cells) in zip(axes[0], groups.items()):
+            if key == "weight_change":
+                _weight_panel(ax, cells, band, f"{scen}: ||W_t - W_0|| / ||W_0|| (attention + MLP)")
+            else:
+                _gap_panel(ax, cells, drift, band, f"{scen}: N-M angle gap ({curve}), degrees")
         fig.tight_layout()
-        written.append(_save(fig, folder / "weight_change.png", plt))
+        written.append(_save(fig, folder / name, plt))
+    holds = _holds_plot(plt, drift, folder / "band_holds.png")
+    return written + ([holds] if holds else [])
 
-    with_g = {s: [(c, d) for c, d in g if d.get("gap_curve")] for s, g in groups.items()}
-    with_g = {s: g for s, g in with_g.items() if g}
-    if with_g:
-        fig, axes = plt.subplots(1, len(with_g), figsize=(6 * len(with_g), 3.8), squeeze=False)
-        for ax, (scen, g) in zip(axes[0], with_g.items()):
-            if drift.get("baseline_gap_curve"):
-                ax.plot(drift["baseline_gap_curve"], color="black", lw=2, label="untuned")
-            for cid, d in g:
-                ax.plot(d["gap_curve"], lw=1.3, label=label(cid, d))
-            shade(ax)
-            ax.axhline(0, color="grey", lw=0.5)
-            curve = (drift.get("baseline_gap") or {}).get("curve", "centred")
-            ax.set_title(f"{scen}: N-M angle gap ({curve}), degrees")
-            ax.set_xlabel("layer (0-based)")
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(_save(fig, folder / "gap_curves.png", plt))
 
-    holds = [(cid, d["band_holds"]) for cid, d in drift["cells"].items() if d.get("band_holds")]
-    if holds:
-        base = holds[0][1]["untuned"]
-        names = ["untuned"] + [cid.replace("__", "\n") for cid, _ in holds]
-        un = [base["unscaled"]] + [h["tuned"]["unscaled"] for _, h in holds]
-        sc = [base["scaled"]] + [h["tuned"]["scaled"] for _, h in holds]
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(names)), 4.0))
-        xs = range(len(names))
-        ax.bar([x - 0.2 for x in xs], un, width=0.4, label="band as is")
-        probe = (drift.get("baseline_band_holds") or {}).get("probe") or {}
-        ax.bar([x + 0.2 for x in xs], sc, width=0.4, label=f"band x {probe.get('alpha', '?')}")
-        ax.set_xticks(list(xs), names, fontsize=6)
-        ax.set_ylabel(f"refusals of {base.get('n', '?')} over-rejection prompts")
-        ax.set_title(f"does the band still hold? ({probe.get('judge', '?')} judge)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(_save(fig, folder / "band_holds.png", plt))
-    return written
+def plot_drift_overview(drift: dict, path: str | Path) -> Path | None:
+    """One figure, every cell: the weight change and the gap curves side by side (None: nothing to draw)."""
+    weights, gaps = _with(drift, "weight_change"), _with(drift, "gap_curve")
+    if not weights and not gaps:
+        return None
+    plt = _plt()
+    band = drift.get("band")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    _weight_panel(axes[0], weights, band, "relative weight change per layer")
+    _gap_panel(axes[1], gaps, drift, band, "angle gap after fine-tuning (degrees)")
+    fig.tight_layout()
+    return _save(fig, Path(path), plt)
 
 
 def _save(fig, path: Path, plt) -> Path:
@@ -449,18 +436,27 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-def drift_on_demand(run_dir: str | Path, cells: list[str] | None = None, progress: bool = True,
-                    model=None) -> dict | None:
-    """Compute drift for an experiment's finished cells whose tuned model was kept (``keep_models: true``).
+# --------------------------------------------------------------------------- summaries
 
-    Cells that already have a drift.json are left as they are; cells whose model was deleted
-    are skipped with a note. ``cells`` limits the work to those ids; ``model`` is the untuned
-    model (default: the run's ``model`` loaded by name). Returns the assembled drift.json.
-    """
-    from .run import load_run
-
-    return load_run(run_dir, progress=progress, model=model).drift_for_kept(cells)
+def drift_summary(d: dict) -> dict:
+    """The few drift numbers worth keeping in cell.json (drift.json has the curves)."""
+    w, h, g = d.get("weight_change") or {}, d.get("band_holds") or {}, d.get("gap_shift") or {}
+    return {"band_max_rel_change": w.get("band_max"), "outside_mean_rel_change": w.get("outside_mean"),
+            "gap_max_abs_shift": g.get("max_abs"), "band_retained": h.get("retained"), "band_holds": h.get("holds")}
 
 
-__all__ = ["BandProbe", "DriftConfig", "DriftRunner", "band_holds", "drift_on_demand", "gap_curves",
-           "gap_from_analysis", "gap_shift", "plot_drift", "weight_change", "write_drift"]
+def describe_drift(s: dict) -> str:
+    """One console line from a :func:`drift_summary`."""
+    parts = []
+    if s.get("band_max_rel_change") is not None:
+        parts.append(f"band weights moved {s['band_max_rel_change']:.2e} (max), others "
+                     f"{(s.get('outside_mean_rel_change') or 0):.2e} (mean)")
+    if s.get("gap_max_abs_shift") is not None:
+        parts.append(f"gap shifted up to {s['gap_max_abs_shift']:.2f} deg")
+    if s.get("band_retained") is not None:
+        parts.append(f"band keeps {s['band_retained']:.0%} of its refusal effect")
+    return "; ".join(parts) or "-"
+
+
+__all__ = ["BandProbe", "DriftConfig", "DriftRunner", "band_holds", "describe_drift", "drift_summary", "gap_curves",
+           "gap_from_analysis", "gap_shift", "plot_drift", "plot_drift_overview", "weight_change", "write_drift"]

@@ -11,7 +11,7 @@
 5. full fine-tuning and SPPFT under the implicit attack (every answer opens with
    "Sure, the answer is:"), each evaluated (harmful rate, over-refusal, Rouge-L) with drift
    diagnostics;
-6. the report (:mod:`safety_layers.report`, when installed).
+6. the report (:mod:`safety_layers.report`).
 
 Everything is an :mod:`safety_layers.experiment` run in ``out`` (default ``runs/demo``), so a
 rerun reuses every finished stage and takes a few minutes at most. The data files live in
@@ -28,37 +28,46 @@ from pathlib import Path
 
 from ..core.errors import SafetyLayersError
 
+_YAML = {"cli": False}   # a setting for YAML files and Python, not a command-line flag
+
 
 @dataclass
 class DemoConfig:
-    """Settings of ``safety-layers demo``; the defaults fit two CPU cores."""
+    """Settings of ``safety-layers demo``; the defaults fit two CPU cores.
+
+    Four are command-line flags; the sizes of the run are YAML (``--config``) and Python
+    settings, since the demo's numbers are quoted for these defaults.
+    """
 
     out: str = field(default="runs/demo", metadata={"help": "run folder (a rerun reuses what it holds)"})
     model: str = field(default="demo", metadata={"help": "aligned model to study (demo: built on first use)"})
     reference: str = field(default="smollm2-135m-instruct", metadata={
-        "help": "the bare model: reference of the analysis and author of the self-distilled answers"})
+        "help": "the bare model: reference of the analysis and author of the self-distilled answers", **_YAML})
     data: str | None = field(default=None, metadata={
-        "help": "benign instruction file (e.g. alpaca_data_1k.json); None: built-in prompts, self-distilled answers"})
+        "help": "benign instruction file (e.g. alpaca_data_1k.json); None: built-in prompts, self-distilled answers",
+        **_YAML})
     n: int | None = field(default=64, metadata={
-        "help": "training rows, at most (None: every row that is not held out)"})
-    holdout: int = field(default=16, metadata={"help": "benign rows held out as Rouge-L references"})
-    answer_tokens: int = field(default=48, metadata={"help": "length of the self-distilled answers"})
-    scenario: str = field(default="implicit", metadata={"help": "attack scenario: normal, implicit, backdoor"})
-    methods: list = field(default_factory=lambda: ["full", "sppft"], metadata={"help": "fine-tuning methods"})
+        "help": "training rows, at most (None: every row that is not held out)", **_YAML})
+    holdout: int = field(default=16, metadata={"help": "benign rows held out as Rouge-L references", **_YAML})
+    answer_tokens: int = field(default=48, metadata={"help": "length of the self-distilled answers", **_YAML})
+    scenario: str = field(default="implicit", metadata={
+        "help": "attack scenario: normal, implicit, backdoor", **_YAML})
+    methods: list = field(default_factory=lambda: ["full", "sppft"], metadata={
+        "help": "fine-tuning methods", **_YAML})
     band: str | None = field(default=None, metadata={"help": "skip locate and use this band (e.g. 6-9)"})
-    locate: dict = field(default_factory=dict, metadata={"help": "LocateConfig settings for the band search"})
+    locate: dict = field(default_factory=dict, metadata={"help": "LocateConfig settings for the band search", **_YAML})
     analysis: dict = field(default_factory=dict, metadata={
-        "help": "AnalyzeConfig settings of the existence analysis (its reference is `reference`)"})
-    epochs: float = field(default=1.0, metadata={"help": "training epochs"})
-    lr: float = field(default=1e-4, metadata={"help": "learning rate"})
-    batch_size: int = field(default=4, metadata={"help": "batch size"})
-    seed: int = field(default=0, metadata={"help": "training seed"})
-    eval_limit: int | None = field(default=64, metadata={"help": "prompts per evaluation set"})
+        "help": "AnalyzeConfig settings of the existence analysis (its reference is `reference`)", **_YAML})
+    epochs: float = field(default=1.0, metadata={"help": "training epochs", **_YAML})
+    lr: float = field(default=1e-4, metadata={"help": "learning rate", **_YAML})
+    batch_size: int = field(default=4, metadata={"help": "batch size", **_YAML})
+    seed: int = field(default=0, metadata={"help": "training seed", **_YAML})
+    eval_limit: int | None = field(default=64, metadata={"help": "prompts per evaluation set", **_YAML})
     drift_limit: int | None = field(default=32, metadata={
-        "help": "over-rejection prompts for 'does the band still hold' (4 generation passes each)"})
-    max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per evaluation prompt"})
-    keep_models: bool = field(default=False, metadata={"help": "keep the tuned models"})
-    report: bool = field(default=True, metadata={"help": "write the report at the end"})
+        "help": "over-rejection prompts for 'does the band still hold' (4 generation passes each)", **_YAML})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens generated per evaluation prompt", **_YAML})
+    keep_models: bool = field(default=False, metadata={"help": "keep the tuned models", **_YAML})
+    report: bool = field(default=True, metadata={"help": "write the report at the end", **_YAML})
     progress: bool = field(default=True, metadata={"help": "progress bars and stage lines"})
 
     def __post_init__(self):
@@ -80,20 +89,17 @@ def _split(rows: list[dict], holdout: int, seed: int = 0) -> tuple[list[dict], l
 
 
 def self_distilled_rows(reference: str, tokens: int, progress: bool = True, log=print) -> list[dict]:
-    """The built-in ``normal`` prompts answered greedily by ``reference``; its refusals are dropped."""
+    """The built-in ``normal`` prompts answered greedily by ``reference``; its refusals and empty
+    answers are dropped (:func:`safety_layers.align.self_distill` without a second try)."""
+    from ..align import self_distill
     from ..core.data import load_prompts
-    from ..engine.generation import GenerationSettings, generate
     from ..core.models import load_model
-    from ..judges.refusal import get_judge
 
     prompts = load_prompts("normal").prompts
     log(f"[bold]data[/bold] self-distilling answers to {len(prompts)} built-in prompts from {reference} "
         "(cached after the first run)")
-    lm = load_model(reference)
-    comps = generate(lm, prompts, GenerationSettings(max_new_tokens=tokens), template="chat", progress=progress)
-    verdicts = get_judge("keyword").judge(prompts, [c.text for c in comps])
-    rows = [{"instruction": p, "input": "", "output": c.text.strip()}
-            for p, c, v in zip(prompts, comps, verdicts) if not v.refused and c.text.strip()]
+    examples, _, _ = self_distill(load_model(reference), prompts, tokens, progress=progress, reopen=False)
+    rows = [{"instruction": e.prompt, "input": "", "output": e.response} for e in examples if e is not None and e.response]
     log(f"  {len(rows)} answers kept ({len(prompts) - len(rows)} refused or empty)")
     return rows
 
@@ -132,33 +138,35 @@ def benign_files(cfg: DemoConfig, run: Path, log=print) -> tuple[Path, Path | No
 
 
 def experiment_config(cfg: DemoConfig, train: Path, quality: Path | None):
-    from ..experiment.run import ExperimentConfig
+    """The demo as an :class:`~safety_layers.experiment.ExperimentConfig` (its step sections typed).
+
+    The user's ``locate`` and ``analysis`` settings pass through the experiment's section
+    checks, like a YAML file's.
+    """
+    from ..evaluate import EvaluateConfig
+    from ..experiment import DriftConfig, ExperimentConfig
 
     rows = sum(1 for line in train.read_text(encoding="utf-8").splitlines() if line.strip())
     n = None if cfg.n is None or cfg.n >= rows else cfg.n
-    locate = None
-    if cfg.band is None:
-        locate = dict(cfg.locate)
-    evaluate = {"limit": cfg.eval_limit, "max_new_tokens": cfg.max_new_tokens}
-    if quality is not None:
-        evaluate.update(quality=str(quality), quality_tokens=cfg.answer_tokens)
+    quality_set = {"quality": str(quality), "quality_tokens": cfg.answer_tokens} if quality is not None else {}
+    evaluate = EvaluateConfig(model=cfg.model, limit=cfg.eval_limit, max_new_tokens=cfg.max_new_tokens, **quality_set)
     return ExperimentConfig(
-        model=cfg.model, name="demo", band=cfg.band, locate=locate,
+        model=cfg.model, name="demo", band=cfg.band, locate=dict(cfg.locate) if cfg.band is None else None,
         analysis={"reference_model": cfg.reference, **cfg.analysis},
         data=str(train), n=n, scenarios=[cfg.scenario], methods=list(cfg.methods), lrs=[cfg.lr],
         seeds=[cfg.seed], epochs=cfg.epochs, batch_size=cfg.batch_size, evaluate=evaluate,
-        drift={"limit": cfg.drift_limit}, keep_models=cfg.keep_models)
+        drift=DriftConfig(limit=cfg.drift_limit), keep_models=cfg.keep_models)
 
 
 def run_demo(cfg: DemoConfig | None = None) -> Path:
     """Run the demo pipeline (see the module docstring); returns the run folder."""
     import time
 
-    from ..experiment.run import _Log, run_experiment
+    from ..experiment import StageLog, run_experiment
 
     cfg = cfg or DemoConfig()
     t0 = time.perf_counter()
-    log = _Log(cfg.progress)
+    log = StageLog(cfg.progress)
     run = Path(cfg.out)
     log(f"[bold]safety-layers demo[/bold] -> {run}")
     if cfg.model == "demo":
@@ -174,7 +182,7 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
     result = run_experiment(experiment_config(cfg, train, quality), run, progress=cfg.progress)
     _print_summary(result, log)
     if cfg.report:
-        from ..report.run import write_report
+        from ..report import write_report
 
         report = write_report(run)
         log(f"[bold]report[/bold] {report.html}")
@@ -185,7 +193,7 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
 def _print_summary(result, log) -> None:
     from rich.table import Table
 
-    from ..experiment.run import METRIC_LABELS, _fmt
+    from ..experiment import METRIC_LABELS, fmt_metric
 
     res = result.results
     if not res["rows"]:
@@ -197,7 +205,8 @@ def _print_summary(result, log) -> None:
         t.add_column(f"{r['scenario']} {r['method']}", justify="right")
     for m in res["metrics"]:
         before = res["rows"][0]["metrics"][m]["before"]
-        t.add_row(METRIC_LABELS.get(m, m), _fmt(m, before), *[_fmt(m, r["metrics"][m]["after_mean"]) for r in res["rows"]])
+        t.add_row(METRIC_LABELS.get(m, m), fmt_metric(m, before),
+                  *[fmt_metric(m, r["metrics"][m]["after_mean"]) for r in res["rows"]])
     if log.enabled:
         log.console.print(t)
 
