@@ -73,12 +73,14 @@ def _files(root: Path) -> None:
         "a-file.txt": b"x",
         "pairs.yaml": b'pairs: "many"\n', "limit.yaml": b'limit: "ten"\n', "epochs.yaml": b"epochs: two\n",
         "probe.yaml": b'probe: "yes"\n', "half.yaml": b"max_new_tokens: 1.5\n", "model.yaml": b"model: 123\n",
-        "judges.yaml": b"judges: 5\n", "list.yaml": b"- a\n- b\n", "syntax.yaml": b"method: full\n  layers: [1, 2\n",
+        "judges.yaml": b"judges: 5\n", "threshold.yaml": b"proxy_threshold: 2\n", "list.yaml": b"- a\n- b\n", "syntax.yaml": b"method: full\n  layers: [1, 2\n",
         "unknown.yaml": b"pairs: 10\nbogus: 1\n", "two-docs.yaml": b"limit: 2\n---\nlimit: 3\n",
         "trainer.yaml": b"num_train_epochs: two\n", "direction.yaml": b"direction: sideways\n",
         "latin1.yaml": "template: caf\u00e9\n".encode("latin-1"),
         "experiment.yaml": b"name: x\nmodel: tiny\nbogus: 1\n",
         "exp-ok.yaml": b"name: x\nmodel: tiny\ndata: train.jsonl\nband: 1-2\n",
+        "exp-rows.yaml": b"name: x\nmodel: tiny\ndata: no-output.jsonl\nband: 1-2\n",
+        "exp-band.yaml": b"name: x\nmodel: tiny\ndata: train.jsonl\nband: 40-45\n",
     }
     for name, data in files.items():
         (root / name).write_bytes(data)
@@ -207,7 +209,7 @@ CASES = [
     ("unknown judge", ["evaluate", *TINY, "--judges", "keywrd"], ["keywrd", "keyword"]),
     ("nothing to evaluate", ["evaluate", *TINY, "--malicious", "none", "--over-rejection", "none"],
      ["nothing to evaluate"]),
-    ("threshold outside [0, 1]", ["evaluate", *TINY, "--proxy-threshold", "2"], ["proxy_threshold", "[0, 1]"]),
+    ("threshold outside [0, 1]", ["evaluate", *TINY, "--config", "threshold.yaml"], ["proxy_threshold", "[0, 1]"]),
     ("unknown scenario", ["scenario", "--scenario", "backdor", "--source", "train.jsonl", "--out", "s.jsonl"],
      ["backdor", "backdoor"]),
     ("scenario n 0", ["scenario", "--source", "train.jsonl", "--n", "0", "--out", "s.jsonl"], ["--n", "at least 1"]),
@@ -219,6 +221,10 @@ CASES = [
     ("experiment unknown key", ["experiment", "experiment.yaml"], ["bogus"]),
     ("experiment out is a file", ["experiment", "exp-ok.yaml", "--out", "a-file.txt"], ["a-file.txt", "is a file"]),
     ("demo out is a file", ["demo", "--out", "a-file.txt"], ["a-file.txt", "is a file"]),
+    ("demo band outside the model", ["demo", *TINY, "--band", "40-45", "--out", "d"], ["40-45", "4 decoder layers"]),
+    ("demo band unreadable", ["demo", *TINY, "--band", "abc", "--out", "d"], ["'abc'", "START-END"]),
+    ("experiment rows lack fields", ["experiment", "exp-rows.yaml", "--out", "x"], ["no-output.jsonl", "'output'"]),
+    ("experiment band outside the model", ["experiment", "exp-band.yaml", "--out", "x"], ["40-45", "4 decoder"]),
     ("unknown template", ["analyze", *TINY, "--template", "alpacca", "--limit", "2"], ["alpacca", "alpaca"]),
     ("llm judge without a model", ["evaluate", *TINY, "--judges", "keyword,llm"], ["--judge-model"]),
     ("classifier judge without a model", ["evaluate", *TINY, "--judges", "classifier"], ["--classifier-model"]),
@@ -431,24 +437,29 @@ def _bad_value(tp):
     return None
 
 
-@pytest.mark.parametrize("name", sorted(n for n, c in COMMANDS.items() if c.config))
-def test_every_typed_field_is_checked(name):
+def test_every_typed_field_is_checked():
     """No code per field: every int, float, bool and Literal field of every command's config
     rejects a value of the wrong type with its name, from YAML and flags alike."""
     from safety_layers.core.config import field_types
 
-    cls = COMMANDS[name].config_class()
-    hints = field_types(cls)
-    checked = 0
-    for f in dataclasses.fields(cls):
-        bad = _bad_value(hints.get(f.name)) if f.init else None
-        if bad is None:
+    checked, missed = 0, []
+    for cmd in COMMANDS.values():
+        if not cmd.config:
             continue
-        with pytest.raises(SafetyLayersError) as e:
-            from_mapping(cls, {f.name: bad}, "x.yaml")
-        assert str(e.value).startswith(f"x.yaml: {f.name} must be ") and repr(bad) in str(e.value)
-        checked += 1
-    assert checked >= 1
+        cls = cmd.config_class()
+        hints = field_types(cls)
+        for f in dataclasses.fields(cls):
+            bad = _bad_value(hints.get(f.name)) if f.init else None
+            if bad is None:
+                continue
+            try:
+                from_mapping(cls, {f.name: bad}, "x.yaml")
+            except SafetyLayersError as e:
+                if str(e).startswith(f"x.yaml: {f.name} must be ") and repr(bad) in str(e):
+                    checked += 1
+                    continue
+            missed.append(f"{cls.__name__}.{f.name}")
+    assert not missed and checked >= 30, (checked, missed)
 
 
 @dataclasses.dataclass

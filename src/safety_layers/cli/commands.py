@@ -275,15 +275,14 @@ def experiment_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_experiment(args: argparse.Namespace) -> int:
-    from ..core.runs import check_out_dir
+    from ..core.runs import run_folder
     from ..experiment import ExperimentConfig, run_experiment as run
 
     library_bars(args.progress)
     cfg = ExperimentConfig.from_yaml(args.config, args.name)
-    check_out_dir(args.out or Path("runs") / "experiment", resume=True)     # a rerun into it resumes
     paper_note(cfg)
-    result = run(cfg, args.out, progress=args.progress)
-    folder = Path(result.run_dir)
+    with run_folder("experiment", cfg.name or cfg.model, args.out, resume=True) as folder:   # a rerun resumes
+        run(cfg, folder, progress=args.progress)
     if args.report:
         from ..report import write_report
 
@@ -304,11 +303,11 @@ def run_report(cfg) -> int:
 
 
 def run_demo(cfg) -> int:
-    from ..core.runs import check_out_dir
+    from ..core.runs import run_folder
     from ..recipes.demo import run_demo as run
 
     library_bars(cfg.progress)
-    check_out_dir(cfg.out, resume=True)                                   # a rerun reuses what it holds
-    folder = run(cfg)
+    with run_folder("demo", cfg.model, cfg.out, resume=True):             # a rerun reuses what it holds
+        folder = run(cfg)
     print(f"demo finished: open {Path(folder) / 'report.html'}")
     return 0

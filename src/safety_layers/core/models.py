@@ -455,6 +455,38 @@ def check_model(name: str, allow_pickle: bool | None = None) -> str:
     return kind
 
 
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def layer_count(name: str) -> int | None:
+    """The decoder-layer count of a model from its ``config.json``, without loading weights, so
+    a band can be checked before any work; None when only a download, a build or a GGUF read
+    would tell (a hub id not in the cache, a built model not built yet, a .gguf file)."""
+    kind, loc = resolve(name)
+    if kind in ("embedded", "built"):
+        path = cache_dir() / "models" / name / "config.json"     # where both are cached once made
+    elif kind == "folder":
+        path = Path(loc) / "config.json"
+    elif kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(loc, "config.json")
+        path = Path(cached) if isinstance(cached, str) else None
+    else:
+        path = None
+    if path is None or not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        for key in _LAYER_KEYS:
+            if isinstance(section.get(key), int):
+                return section[key]
+    return None
+
+
 def load_model(name: str = DEFAULT_MODEL, *, dtype="float32", device: str | None = None,
                trust_remote_code: bool = False, revision: str | None = None,
                allow_pickle: bool | None = None) -> LoadedModel:

@@ -168,6 +168,13 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
     t0 = time.perf_counter()
     log = StageLog(cfg.progress)
     run = Path(cfg.out)
+    if cfg.band is not None:                      # before minutes of self-distilling, not after
+        from ..core.layers import LayerRange
+        from ..core.models import layer_count
+
+        band, layers = LayerRange.parse(cfg.band), layer_count(cfg.model)
+        if layers is not None:
+            band.check(layers)
     log(f"[bold]safety-layers demo[/bold] -> {run}")
     if cfg.model == "demo":
         from ..align.run import read_manifest
