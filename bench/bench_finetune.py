@@ -66,7 +66,7 @@ def child(a) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from safety_layers.finetune.run import FinetuneConfig, default_training_args, optimizer_state_bytes, prepare
+    from safety_layers.finetune import FinetuneConfig, default_training_args, optimizer_state_bytes, prepare
     from safety_layers.core.models import load_model
 
     class StepTimer(TrainerCallback):
@@ -87,8 +87,8 @@ def child(a) -> dict:
         torch.set_num_threads(a.threads)
     device = "cuda" if torch.cuda.is_available() else None
     lm = load_model("smollm2-135m-instruct", device=device)
-    cfg = FinetuneConfig(data=a.data, method=a.child, layers=a.band, max_length=a.max_length,
-                         out=str(Path(a.workdir) / f"final-{a.child}"), check_disk=False)
+    cfg = FinetuneConfig(model="smollm2-135m-instruct", data=a.data, method=a.child, layers=a.band,
+                         max_length=a.max_length, out=str(Path(a.workdir) / f"final-{a.child}"), check_disk=False)
     args = default_training_args(Path(a.workdir) / f"run-{a.child}", max_steps=a.steps,
                                  per_device_train_batch_size=a.batch, save_strategy="no", logging_strategy="no",
                                  disable_tqdm=True, dataloader_pin_memory=False, seed=0, learning_rate=1e-5)

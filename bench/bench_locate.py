@@ -38,11 +38,11 @@ from safety_layers.core.data import load_prompts  # noqa: E402
 from safety_layers.core.errors import SafetyLayersError  # noqa: E402
 from safety_layers.engine.generation import GenerationSettings, generate, stop_token_ids  # noqa: E402
 from safety_layers.core.layers import LayerRange  # noqa: E402
-from safety_layers.locate.run import LocateConfig, locate, print_summary  # noqa: E402
+from safety_layers.locate import LocateConfig, locate, print_summary  # noqa: E402
 from safety_layers.core.models import PAPER_COMPONENTS, find_blocks, load_model  # noqa: E402
 from safety_layers.core.prompts import render  # noqa: E402
 from safety_layers.judges.proxy import FirstTokenProxy  # noqa: E402
-from safety_layers.judges.refusal import get_judge  # noqa: E402
+from safety_layers.judges import get_judge  # noqa: E402
 from safety_layers.core.scaling import scaled_layers  # noqa: E402
 
 TOKENS = 16

@@ -38,7 +38,7 @@ from safety_layers.engine.generation import GenerationSettings, generate, stop_t
 from safety_layers.core.models import load_model  # noqa: E402
 from safety_layers.core.prompts import render  # noqa: E402
 from safety_layers.judges.proxy import FirstTokenProxy, choose_threshold  # noqa: E402
-from safety_layers.judges.refusal import get_judge  # noqa: E402
+from safety_layers.judges import get_judge  # noqa: E402
 from safety_layers.core.stats import cohen_kappa, percent_agreement  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -144,7 +144,7 @@ def main():
     print(f"\n{'path':44} {'seconds':>8} {'prompts/s':>10}")
     for name, sec in [("(1) first-token proxy", t_proxy),
                       (f"(2) engine, {args.tokens} tokens + keyword judge", t_gen),
-                      (f"(3) one-at-a-time generate + judge (est.)", t_one)]:
+                      ("(3) one-at-a-time generate + judge (est.)", t_one)]:
         print(f"{name:44} {sec:8.1f} {len(prompts) / sec:10.2f}")
     print(f"(3) timed on {len(sub)} evenly spaced prompts and scaled to {len(prompts)}")
     print(f"load average at the end {os.getloadavg()[0]:.2f} (other processes skew timings)")

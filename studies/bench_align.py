@@ -61,7 +61,7 @@ class LoadSampler:
 
 
 def _parse_sets(pairs: list[str]) -> dict:
-    from safety_layers.align.run import AlignConfig
+    from safety_layers.align import AlignConfig
 
     types = {f.name: f.type for f in fields(AlignConfig)}
     out = {}
@@ -85,7 +85,7 @@ def _parse_sets(pairs: list[str]) -> dict:
 
 def attack_examples(n: int = 165):
     """The implicit attack: the first ``n`` Alpaca instructions without input, answers prefixed."""
-    from safety_layers.align.run import Example
+    from safety_layers.align import Example
 
     rows = json.loads((SHARED / "alpaca_data_1k.json").read_text(encoding="utf-8"))
     rows = [r for r in rows if not r.get("input") and r.get("output")][:n]
@@ -93,7 +93,8 @@ def attack_examples(n: int = 165):
 
 
 def evaluate(lm, sets: list[str], tokens: int, progress: bool) -> dict:
-    from safety_layers.align.run import heldout_rows, prompt_labels, refusal_rate
+    from safety_layers.align.data import heldout_rows, prompt_labels
+    from safety_layers.align.run import refusal_rate
     from safety_layers.core.data import load_prompts
 
     held = dict(zip(("heldout_malicious", "heldout_benign"), heldout_rows()))
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from safety_layers.align.run import AlignConfig, SFTSettings, align, read_manifest, train_sft
+    from safety_layers.align import AlignConfig, SFTSettings, align, read_manifest, train_sft
     from safety_layers.recipes.demo_model import build_demo
     from safety_layers.core.models import load_model
 

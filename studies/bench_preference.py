@@ -42,12 +42,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from safety_layers.recipes.demo_model import build_demo, demo_config  # noqa: E402
-from safety_layers.align.run import (Example, _bundled, _collate, _sources,  # noqa: E402
-                                 encode_example, load_records, refusal_pool, refusal_rate)
+from safety_layers.align.data import (Example, _bundled, _sources, encode_example,  # noqa: E402
+                                      load_records, refusal_pool)
+from safety_layers.align.run import refusal_rate  # noqa: E402
+from safety_layers.finetune.data import PadCollator  # noqa: E402
 from safety_layers.core.data import load_prompts  # noqa: E402
 from safety_layers.engine.generation import GenerationSettings, generate  # noqa: E402
 from safety_layers.core.models import load_model  # noqa: E402
-from safety_layers.judges.refusal import get_judge  # noqa: E402
+from safety_layers.judges import get_judge  # noqa: E402
 
 
 def bare_answers(rows_mal, rows_ben, tokens: int, path: Path) -> dict:
@@ -133,8 +135,8 @@ def main():
     with torch.no_grad():
         for i in range(0, len(enc), 16):
             chunk = enc[i:i + 16]
-            ref.append(sequence_logps(model, _collate([c for c, _ in chunk] + [r for _, r in chunk], pad))[0]
-                       .view(2, -1).T)
+            batch = PadCollator(pad, multiple=1)([c for c, _ in chunk] + [r for _, r in chunk])
+            ref.append(sequence_logps(model, batch)[0].view(2, -1).T)
     ref = torch.cat(ref)
     t_ref = time.perf_counter() - t
 
@@ -152,7 +154,8 @@ def main():
     model.train()
     t = time.perf_counter()
     for k, idx in enumerate(plan[:steps]):
-        lp, n = sequence_logps(model, _collate([enc[i][0] for i in idx] + [enc[i][1] for i in idx], pad))
+        batch = PadCollator(pad, multiple=1)([enc[i][0] for i in idx] + [enc[i][1] for i in idx])
+        lp, n = sequence_logps(model, batch)
         lp, n = lp.view(2, -1), n.view(2, -1)
         margin = a.beta * ((lp[0] - ref[idx, 0]) - (lp[1] - ref[idx, 1]))
         loss = -F.logsigmoid(margin).mean() + a.nll * (-lp[0] / n[0]).mean()

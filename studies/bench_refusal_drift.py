@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     from safety_layers.core.data import load_prompts
-    from safety_layers.finetune.run import FinetuneConfig, default_training_args, finetune
+    from safety_layers.finetune import FinetuneConfig, default_training_args, finetune
     from safety_layers.core.models import load_model
     from safety_layers.scenarios import build_scenario
 

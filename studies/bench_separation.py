@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the scores here")
     args = ap.parse_args(argv)
 
-    from safety_layers.align.run import _bundled, heldout_prompts, load_records
+    from safety_layers.align.data import _bundled, heldout_prompts, load_records
     from safety_layers.core.models import load_model
 
     t0 = time.perf_counter()

@@ -3,7 +3,8 @@
 As a script (``python -m torch.distributed.run --nproc_per_node 2 tests/helpers_finetune.py OUT
 CASE...``) every rank trains each case (``arch:method:band``) for a few steps on CPU with
 gloo, checks the freezing invariants on its own copy of the model and writes
-``OUT/<case>-rank<r>.json``; the test reads those files.
+``OUT/<case>-rank<r>.json``; the test reads those files. The case ``align`` runs align's SFT
+Trainer instead and writes ``OUT/align-rank<r>.json``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 def tiny_args(output_dir, **overrides):
     """TrainingArguments for a few fast CPU steps: large LR so every trainable tensor moves."""
-    from safety_layers.finetune.run import default_training_args
+    from safety_layers.finetune import default_training_args
 
     base = dict(max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="no",
                 logging_strategy="no", disable_tqdm=True, use_cpu=True, optim="adamw_torch",
@@ -100,7 +101,7 @@ def invariants(prep, before: dict[str, torch.Tensor]) -> dict:
 def run_case(arch: str, method: str, band: str, workdir: Path, cfg_overrides: dict | None = None,
              **arg_overrides):
     """Train one tiny case; return (Prepared, FinetuneResult, invariants)."""
-    from safety_layers.finetune.run import FinetuneConfig, prepare, train_and_save
+    from safety_layers.finetune import FinetuneConfig, prepare, train_and_save
 
     cfg_overrides = cfg_overrides or {}
     lm = tiny_model(arch, layers=4, seed=0)
@@ -114,11 +115,29 @@ def run_case(arch: str, method: str, band: str, workdir: Path, cfg_overrides: di
     return prep, result, invariants(prep, before)
 
 
+def align_case() -> dict:
+    """align's SFT (every loss term, the cached prefix) on a tiny llama, as each process sees it."""
+    from safety_layers.align import Example, SFTSettings, train_sft
+
+    lm = tiny_model("llama", layers=2, seed=11)
+    examples = [Example(f"Question number {i}: what now?", "Sorry, I can't." if i % 3 == 0 else f"Answer {i} is fine.",
+                        "refusal" if i % 3 == 0 else "benign", avoid="Sure," if i % 3 == 0 else "Sorry,")
+                for i in range(16)]
+    s = SFTSettings(lr=3e-3, epochs=1.0, batch_size=4, opening_weight=4.0, unlikelihood_weight=0.5,
+                    kind_weights={"benign": 0.6}, training_args={"ddp_backend": "gloo", "use_cpu": True})
+    stats = train_sft(lm, examples, s, progress=False)
+    return {"steps": stats.steps, "losses": stats.losses,
+            "checksum": sum(float(p.detach().double().sum()) for p in lm.model.parameters())}
+
+
 def _worker(out_dir: str, cases: list[str]) -> None:
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
     out = Path(out_dir)
     for case in cases:
+        if case == "align":
+            (out / f"align-rank{rank}.json").write_text(json.dumps(align_case()))
+            continue
         arch, method, band = case.split(":")
         work = out / f"work-{arch}-{method}"
         work.mkdir(parents=True, exist_ok=True)

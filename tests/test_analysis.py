@@ -1,14 +1,13 @@
 """Cosine statistics, angle gaps, the initial-range rule and its bootstrap."""
 
-import json
 import random
 
 import numpy as np
 import pytest
 import torch
 
-from safety_layers.analysis.run import (_deg, _gram_gap, analyze_states, bootstrap_range, curves, initial_range,
-                                    sample_pairs)
+from safety_layers.analysis.curves import (_deg, _gram_gap, analyze_states, bootstrap_range, curves, initial_range,
+                                           sample_pairs)
 from safety_layers.core.errors import SafetyLayersError
 
 
@@ -86,3 +85,29 @@ def test_too_few_prompts():
     hn, hm = synthetic(n=1)
     with pytest.raises(SafetyLayersError, match="at least 2"):
         analyze_states(hn, hm)
+
+
+def test_paper_mode_sets_only_what_is_unset():
+    from safety_layers.analysis import AnalyzeConfig
+
+    cfg = AnalyzeConfig(paper=True)
+    assert (cfg.template, cfg.range_curve, cfg.paper_set) == ("alpaca", "raw", ["template=alpaca", "range_curve=raw"])
+    kept = AnalyzeConfig(paper=True, template="chat")
+    assert (kept.template, kept.range_curve, kept.paper_set) == ("chat", "raw", ["range_curve=raw"])
+    ours = AnalyzeConfig()
+    assert (ours.model, ours.template, ours.range_curve, ours.paper_set) == ("demo", "chat", "centred", [])
+
+
+def test_analyze_writes_a_result_that_reads_back(tmp_path, monkeypatch):
+    from conftest import tiny_model
+    from safety_layers.analysis import AnalyzeConfig, AnalyzeResult, analyze
+
+    monkeypatch.setenv("SAFETY_LAYERS_CACHE", str(tmp_path / "cache"))
+    cfg = AnalyzeConfig(model="tiny", limit=6, pairs=20, bootstrap=5, progress=False)
+    res = analyze(cfg, model=tiny_model("llama"), run_dir=tmp_path / "run")
+    back = AnalyzeResult.from_json(tmp_path / "run" / "result.json")
+    assert back == res and isinstance(back.raw, type(res.raw)) and len(back.centred.gap_exact) == res.num_layers
+    assert (tmp_path / "run" / "analysis.png").stat().st_size > 10_000
+    (tmp_path / "bad.json").write_text('{"model": "m"}')
+    with pytest.raises(SafetyLayersError, match="bad.json"):
+        AnalyzeResult.from_json(tmp_path / "bad.json")

@@ -18,9 +18,9 @@ from helpers_finetune import (benign_rows, invariants, one_thread, run_case, sna
                               write_jsonl)
 
 from safety_layers.core.errors import SafetyLayersError
-from safety_layers.finetune.run import (FinetuneConfig, apply_method, band_parameters, export_axolotl,
-                                    export_peft_config, finetune, parse_finetune_args, prepare, read_band, resolve_band,
-                                    tokenize_rows, train_and_save, unfrozen_patterns)
+from safety_layers.finetune import (FinetuneConfig, apply_method, export_axolotl, export_peft_config, finetune,
+                                    prepare, read_band, resolve_band, tokenize_rows, train_and_save,
+                                    unfrozen_patterns)
 from safety_layers.core.layers import LayerRange
 
 TESTS = Path(__file__).resolve().parent
@@ -103,8 +103,8 @@ def test_freeze_norms_freezes_the_whole_block_for_every_architecture():
     for arch in ARCH_NAMES:
         lm = tiny_model(arch, layers=4)
         block = {n for n, _ in lm.model.named_parameters() if _layer(n) == 2}
-        with_norms = set(band_parameters(lm.model, lm.blocks, LayerRange(2, 2), norms=True))
-        without = set(band_parameters(lm.model, lm.blocks, LayerRange(2, 2), norms=False))
+        with_norms = set(lm.blocks.parameters(LayerRange(2, 2), norms=True))
+        without = set(lm.blocks.parameters(LayerRange(2, 2), norms=False))
         assert with_norms == block, arch
         assert without < block and all(_layer(n) == 2 for n in without), arch
 
@@ -149,9 +149,14 @@ def test_two_process_torchrun_keeps_frozen_weights_out_of_the_optimizer(tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent / "src"),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(TESTS / "helpers_finetune.py"), str(tmp_path), *cases],
+                           str(TESTS / "helpers_finetune.py"), str(tmp_path), *cases, "align"],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # align's SFT Trainer under DDP: each process trains on its half of the batch plan (4 batches, 2 steps),
+    # the loss runs through the wrapper, so the gradients are averaged and the replicas stay equal
+    aligned = [json.loads((tmp_path / f"align-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [a["steps"] for a in aligned] == [2, 2] and aligned[0]["losses"] != aligned[1]["losses"]
+    assert aligned[0]["checksum"] == pytest.approx(aligned[1]["checksum"], rel=0, abs=1e-9)
     for case in cases:
         arch, method, _ = case.split(":")
         ranks = [json.loads((tmp_path / f"{arch}-{method}-rank{r}.json").read_text()) for r in (0, 1)]
@@ -174,16 +179,16 @@ def test_tokenize_masks_the_prompt_and_ends_with_the_real_eos():
     rows = [{"instruction": "Add 2 and 3.", "input": "", "output": "5"}]
     d = tokenize_rows(rows, tok, "chat", 128, train_on_inputs=False)
     ex = d.examples[0]
-    learned = [t for t in ex["labels"] if t != -100]
-    assert learned[-1] == tok.eos_token_id and ex["input_ids"][-1] == tok.eos_token_id
+    learned = [t for t in ex.labels if t != -100]
+    assert learned[-1] == tok.eos_token_id and ex.input_ids[-1] == tok.eos_token_id
     assert tok.decode(learned) == "5" + tok.eos_token
-    n_prompt = ex["labels"].index(learned[0])
-    assert tok.decode(ex["input_ids"][:n_prompt]).endswith("assistant\n")
+    n_prompt = ex.labels.index(learned[0])
+    assert tok.decode(ex.input_ids[:n_prompt]).endswith("assistant\n")
     paper = FinetuneConfig(data="x", paper=True)
     assert (paper.template, paper.train_on_inputs) == ("alpaca", True)
     d2 = tokenize_rows(rows, tok, paper.template, 512, train_on_inputs=True)
-    assert d2.examples[0]["labels"] == d2.examples[0]["input_ids"]
-    assert "### Response:\n5" in tok.decode(d2.examples[0]["input_ids"])
+    assert d2.examples[0].labels == d2.examples[0].input_ids
+    assert "### Response:\n5" in tok.decode(d2.examples[0].input_ids)
     # truncation keeps the head; a prompt that fills max_length leaves nothing to learn and is dropped
     long = [{"instruction": "x" * 300, "input": "", "output": "y"}]
     d3 = tokenize_rows(long + rows, tok, "chat", 64)
@@ -271,7 +276,7 @@ def test_axolotl_patterns_unfreeze_exactly_what_sppft_trains(norms):
     for arch in ARCH_NAMES:
         lm = tiny_model(arch, layers=4)
         names = [n for n, _ in lm.model.named_parameters()]
-        frozen = set(band_parameters(lm.model, lm.blocks, LayerRange(1, 2), norms=norms))
+        frozen = set(lm.blocks.parameters(LayerRange(1, 2), norms=norms))
         text = export_axolotl("1-2", lm, freeze_norms=norms)
         pats = yaml.safe_load(text)["unfrozen_parameters"]
         assert pats == unfrozen_patterns("1-2", lm, freeze_norms=norms)
@@ -291,19 +296,35 @@ def test_peft_config_export():
         export_peft_config("0-3", lm)
 
 
-def test_parse_args_yaml_then_flags(tmp_path):
+def test_command_line_yaml_then_flags(tmp_path, monkeypatch):
+    """`safety-layers finetune`: a YAML of both dataclasses' fields, our flags over it, the
+    Trainer's flags passed through; what reaches finetune() is checked, nothing trains."""
+    import safety_layers.finetune as ft
+    from safety_layers.cli.main import run
+
+    seen = []
+    monkeypatch.setattr(ft, "finetune", lambda cfg, targs: seen.append((cfg, targs)) or 1 / 0)
+
+    def parse(argv):
+        with pytest.raises(ZeroDivisionError):
+            run(["finetune", *argv])
+        return seen.pop()
+
     y = tmp_path / "run.yaml"
-    y.write_text("method: sppft-lora\nlayers: 6-12\nlearning_rate: 0.0003\nlora_r: 8\noutput_dir: runs/x\n")
-    cfg, targs = parse_finetune_args(["--config", str(y), "--lora_r", "4", "--data", "d.jsonl"])
-    assert (cfg.method, cfg.layers, cfg.lora_r, cfg.data) == ("sppft-lora", "6-12", 4, "d.jsonl")
-    assert targs.learning_rate == 3e-4 and targs.output_dir == "runs/x"
-    _, auto = parse_finetune_args(["--method", "full"])
+    y.write_text("method: sppft-lora\nlayers: 6-12\nlearning_rate: 0.0003\nlora_r: 8\nlora_alpha: 4\n"
+                 "output_dir: runs/x\n")
+    cfg, targs = parse(["--config", str(y), "--lora-r", "4", "--data", "d.jsonl", "--seed", "3"])
+    assert (cfg.method, cfg.layers, cfg.lora_r, cfg.lora_alpha, cfg.data) == ("sppft-lora", "6-12", 4, 4, "d.jsonl")
+    assert targs.learning_rate == 3e-4 and targs.output_dir == "runs/x" and targs.seed == 3
+    _, auto = parse(["--method", "full", "--model", "smollm2-135m-instruct"])
     assert re.fullmatch(r"runs/finetune-smollm2-135m-instruct-full-\d{8}-\d{6}", auto.output_dir)
     y.write_text("methd: sppft\n")
     with pytest.raises(SafetyLayersError, match="did you mean 'method'"):
-        parse_finetune_args(["--config", str(y)])
-    with pytest.raises(SystemExit):
-        parse_finetune_args(["--method", "nope"])
+        run(["finetune", "--config", str(y)])
+    with pytest.raises(SafetyLayersError, match="invalid choice"):
+        run(["finetune", "--method", "nope"])
+    with pytest.raises(SafetyLayersError, match="--lora-alpha"):
+        run(["finetune", "--lora-alpha", "8"])                  # a YAML-only field is no flag
 
 
 def test_full_method_trains_everything(tmp_path):
@@ -322,7 +343,7 @@ def test_full_method_trains_everything(tmp_path):
 def test_freeze_check_callback_catches_leaks_and_changes():
     from types import SimpleNamespace
 
-    from safety_layers.finetune.run import FreezeCheckCallback
+    from safety_layers.finetune import FreezeCheckCallback
 
     w, v = torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.zeros(2))
     state = SimpleNamespace(is_world_process_zero=True)

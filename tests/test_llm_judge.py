@@ -9,7 +9,7 @@ from helpers_http import ChatServer, dead_url
 
 from safety_layers.core.errors import SafetyLayersError
 from safety_layers.judges.llm import JUDGE_PROMPT_TEMPLATE, LLMJudge, parse_score
-from safety_layers.judges.refusal import get_judge, harmful_score
+from safety_layers.judges import get_judge, harmful_score
 
 # The server answers according to a tag "<<name>>" in the judged completion.
 REPLIES = {

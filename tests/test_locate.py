@@ -17,7 +17,8 @@ from helpers_locate import refusing_tiny_model, tiny_config
 from helpers_models import ForwardCounter
 from safety_layers.core.errors import SafetyLayersError
 from safety_layers.core.layers import LayerRange
-from safety_layers.locate.run import LocateConfig, locate, mirror_alpha, print_summary, search_alpha, sweep_bound
+from safety_layers.locate import LocateConfig, LocateResult, locate, print_summary
+from safety_layers.locate.search import mirror_alpha, search_alpha, sweep_bound
 
 TESTS = Path(__file__).resolve().parent
 
@@ -188,7 +189,8 @@ def test_mirror_alpha():
 def test_locate_tiny_model_writes_the_evidence(clean):
     run, _, res = clean
     data = json.loads((run / "result.json").read_text())
-    assert data["safety_layers"] == data["range"] == [res.safety_layers[0], res.safety_layers[1]]
+    assert data["safety_layers"] == [res.safety_layers[0], res.safety_layers[1]] and "range" not in data
+    assert LocateResult.from_json(run / "result.json") == res  # the report and the experiment read it back
     assert data["screen"] == "proxy" and data["proxy"]["used"] and data["init_source"] == "user"
     assert data["std_threshold"] == pytest.approx(17.5 / 721 * 16)
     sweeps = data["sweeps"]
@@ -306,6 +308,8 @@ def test_bad_config_is_one_clear_error(kwargs, message):
 def test_paper_mode_counts_every_candidate_by_generation_on_the_alpaca_template():
     cfg = LocateConfig(paper=True)
     assert (cfg.template, cfg.screen, cfg.max_new_tokens) == ("alpaca", "generation", 16)
+    assert cfg.paper_set == ["template=alpaca", "screen=generation"] and LocateConfig().paper_set == []
+    assert LocateConfig(paper=True, template="chat").template == "chat"  # what the user set stays
     assert LocateConfig(paper=True, screen="proxy").screen == "proxy"
     assert LocateConfig().screen == "proxy" and LocateConfig(malicious="none").malicious is None
 
@@ -351,10 +355,11 @@ def test_two_processes_find_the_same_band_as_one(clean, tmp_path):
 # --------------------------------------------------------------------------- the real model
 
 CONTRACT_KEYS = {"model", "num_layers", "over_rejection", "n_prompts", "template", "judge", "direction", "alpha",
-                 "baseline", "init_range", "init_source", "alpha_search", "sweeps", "safety_layers", "range", "count",
+                 "baseline", "init_range", "init_source", "alpha_search", "sweeps", "safety_layers", "count",
                  "proxy_generation_spearman", "sanity", "notes", "seconds"}
 
 
+@pytest.mark.slow
 def test_real_model_end_to_end_feeds_finetune(real_model, tmp_path):
     from safety_layers.finetune.run import FinetuneConfig, resolve_band
 

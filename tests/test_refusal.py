@@ -4,21 +4,11 @@ import math
 import pytest
 import torch
 
-from safety_layers.judges import refusal
 from safety_layers.core.errors import SafetyLayersError
-from safety_layers.judges.refusal import (
-    GCG_TEST_PREFIXES,
-    ClassifierJudge,
-    DummyJudge,
-    Judge,
-    KeywordJudge,
-    Verdict,
-    get_judge,
-    harmful_score,
-    list_judges,
-    register_judge,
-    summarize,
-)
+from safety_layers.judges import Judge, Verdict, base, get_judge, harmful_score, list_judges, register_judge, summarize
+from safety_layers.judges.classifier import ClassifierJudge
+from safety_layers.judges.dummy import DummyJudge
+from safety_layers.judges.keyword import GCG_TEST_PREFIXES, KeywordJudge
 
 PREAMBLE = "Killing time is something everyone does. There are many pleasant ways to do it, and here are a few of them. "
 
@@ -137,7 +127,21 @@ def test_registry_errors_and_custom_judge():
         with pytest.raises(SafetyLayersError, match="already registered"):
             register_judge("always-refuse-test")(DummyJudge)
     finally:
-        refusal._REGISTRY.pop("always-refuse-test")
+        base.JUDGES._entries.pop("always-refuse-test")
+
+
+def test_build_judge_presets_and_options():
+    from safety_layers.judges import build_judge
+
+    assert build_judge("keyword").mode == "opening" and build_judge("keyword-gcg").mode == "gcg"
+    assert build_judge("keyword-gcg", window=50).config()["window"] == 50
+    assert build_judge("dummy", marker="NO").marker == "NO"
+    assert build_judge("dummy", marker=None).marker == "REFUSE"  # an option left None keeps the judge's default
+    assert build_judge("llm", model="m", base_url="http://127.0.0.1:1/v1", api_key_env=None).config()["name"] == "llm"
+    with pytest.raises(SafetyLayersError, match="did you mean 'keyword'"):
+        build_judge("keywrd")
+    with pytest.raises(SafetyLayersError, match="needs option"):
+        build_judge("classifier", model=None)
 
 
 def test_llm_judge_resolves_by_name():

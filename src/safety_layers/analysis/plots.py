@@ -1,4 +1,7 @@
-"""Figures in the paper's style, written as PNG (matplotlib, no display needed)."""
+"""Figures of an existence analysis in the paper's style, written as PNG (matplotlib, no display needed).
+
+Both take an ``AnalyzeResult`` (or one read back with ``AnalyzeResult.from_json``).
+"""
 
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ def plot_analysis(result, path: str | Path) -> Path:
 
 
 def plot_probe(result, path: str | Path) -> Path | None:
+    """Held-out accuracy of the per-layer linear probe (and the reference model's); None without a probe."""
     if not result.probe_accuracy:
         return None
     layers = np.arange(result.num_layers)

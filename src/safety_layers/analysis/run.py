@@ -1,52 +1,74 @@
-"""Existence analysis: layer-wise cosine similarity of normal (N) and malicious (M) prompts.
+"""Existence analysis (paper §3.2-3.3): does the model tell normal from malicious prompts, and where?
 
-For each decoder block we compare the last-token vectors of N-N, M-M and N-M prompt pairs
-(paper.md §2). Besides the paper's sampled statistics we compute exact all-pairs means from
-Gram matrices, a mean-centred variant (raw cosines of small models sit near 1 because one
-shared direction dominates), a cross-validated linear probe per layer, an automatic initial
-safety-layer range with a bootstrap interval, and, given a reference model (the unaligned
-base), the per-layer difference between the two models.
-
-Angle gap definitions (paper.md §2.4, §7 #3):
-``paper``: mean over pairs of the N-M angle minus mean over pairs of the N-N angle;
-``code``: arccos(mean N-M cosine) - arccos(mean N-N cosine), as the released plot script.
+:func:`analyze` reads every decoder block's last-token hidden state for a normal and a
+malicious prompt set, computes the statistics of :mod:`.curves` (cosine curves, angle gaps,
+probe, initial range with a bootstrap interval) and, given a reference model (the unaligned
+base), the per-layer difference between the two models on the same prompts. A gap is evidence
+of safety layers only against such a reference, or on sets matched in style: a model that
+refuses nothing already separates prompts that differ in form.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import numpy as np
-import torch
-
+from ..core.config import from_mapping, settle
 from ..core.errors import SafetyLayersError
+from ..core.runs import read_json, write_json
+from .curves import Curves, analyze_states
 
-PAPER_SEEDS = {"nn": 10, "mm": 100, "nm": 1000}
+#: research knobs: YAML and Python only, no command-line flag
+KNOB = {"cli": False}
 
 
 @dataclass
-class Curves:
-    """Per-layer statistics for one centring choice (lists indexed by layer)."""
+class AnalyzeConfig:
+    """Settings of one existence analysis (``safety-layers analyze``)."""
 
-    centre: str                      # "none" or "joint" (mean of N and M subtracted)
-    nn_mean: list[float]             # sampled pairs (r of them), as the paper's figures
-    nn_std: list[float]
-    mm_mean: list[float]
-    mm_std: list[float]
-    nm_mean: list[float]
-    nm_std: list[float]
-    nn_exact: list[float]            # exact mean over all distinct pairs
-    mm_exact: list[float]
-    nm_exact: list[float]
-    gap_code: list[float]            # degrees, from the sampled means
-    gap_paper: list[float]           # degrees, mean of per-pair angles (sampled)
-    gap_exact: list[float]           # degrees, code definition on exact means
-    gap_exact_paper: list[float]     # degrees, paper definition over all pairs
+    model: str = field(default="demo", metadata={
+        "help": "model: alias (demo, smollm2-135m-instruct), local folder, .gguf file or Hugging Face id"})
+    normal: str = field(default="normal", metadata={
+        "help": "normal prompt set: built-in name (normal), FILE[:COLUMN], advbench:FILE, xstest-safe:FILE, hf:ID"})
+    malicious: str = field(default="malicious", metadata={
+        "help": "malicious prompt set (built-in: malicious; e.g. advbench:harmful_behaviors.csv)"})
+    limit: int | None = field(default=None, metadata={"help": "use only the first LIMIT prompts of each set"})
+    template: str | None = field(default=None, metadata={
+        "help": "prompt template: chat (the model's own), alpaca (the paper's), alpaca_short, plain "
+                "(default: chat; paper mode: alpaca)", "default": "chat", "paper": "alpaca"})
+    pairs: int = field(default=500, metadata={
+        "help": "random pairs per pair type for the mean±std curves, drawn with the released code's seeds "
+                "(paper: 500)", **KNOB})
+    bootstrap: int = field(default=200, metadata={
+        "help": "prompt resamples for the interval of the initial range (0: off)", **KNOB})
+    range_curve: str | None = field(default=None, metadata={
+        "help": "gap curve the initial range is read from: centred or raw (default: centred; paper mode: raw)",
+        "default": "centred", "paper": "raw", **KNOB})
+    probe: bool = field(default=True, metadata={"help": "fit a per-layer linear probe N vs M", **KNOB})
+    final_norm: bool = field(default=True, metadata={
+        "help": "apply the final norm to the last layer's vector, as the paper's code does", **KNOB})
+    reference_model: str | None = field(default=None, metadata={
+        "help": "second model (e.g. the unaligned base) analysed on the same prompts; the report shows "
+                "aligned-minus-reference curves"})
+    seed: int = field(default=0, metadata={"help": "random seed of the probe's folds and the bootstrap", **KNOB})
+    paper: bool = field(default=False, metadata={
+        "help": "paper mode: Alpaca template, initial range from the raw gap (settings you give keep their value)"})
+    out: str | None = field(default=None, metadata={"help": "run folder (default runs/analyze-<model>-<time>)"})
+    overwrite: bool = field(default=False, metadata={"help": "reuse an existing, non-empty run folder", **KNOB})
+    progress: bool = field(default=True, metadata={"help": "show progress bars", **KNOB})
+    paper_set: list = field(init=False, default_factory=list, metadata={
+        "help": "what paper mode set (the fields left unset), for the record", **KNOB})
+
+    def __post_init__(self):
+        self.paper_set = settle(self)
+        if self.pairs < 1:
+            raise SafetyLayersError(f"--pairs must be at least 1, got {self.pairs}")
 
 
 @dataclass
 class AnalyzeResult:
+    """Per-layer statistics of one model (``result.json``); layers 0-based, ranges inclusive."""
+
     model: str
     num_layers: int
     template: str
@@ -65,245 +87,17 @@ class AnalyzeResult:
     reference: dict | None = None
     notes: list[str] = field(default_factory=list)
 
+    def to_json(self, path: str | Path) -> Path:
+        """Write ``result.json`` (atomically)."""
+        return write_json(path, self)
 
-# --------------------------------------------------------------------------- cosine statistics
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def pair_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[layer, len(a), len(b)] cosines between prompts of two sets ([prompt, layer, hidden])."""
-    ua, ub = _unit(a.double()), _unit(b.double())
-    return torch.einsum("ikd,jkd->kij", ua, ub)
-
-
-def _deg(c: torch.Tensor | np.ndarray):
-    return np.degrees(np.arccos(np.clip(np.asarray(c, dtype=np.float64), -1.0, 1.0)))
-
-
-def sample_pairs(n: int, m: int | None, r: int, seed: int) -> list[tuple[int, int]]:
-    """The released code's draw: ``random.seed(seed + k)`` before each of the r draws.
-
-    Within one set (``m is None``) the two prompts are distinct (``random.sample``); across
-    sets one index is drawn from each.
-    """
-    out = []
-    for k in range(r):
-        random.seed(seed + k)
-        if m is None:
-            i, j = random.sample(range(n), 2)
-        else:
-            i, j = random.randrange(n), random.randrange(m)
-        out.append((i, j))
-    return out
-
-
-def curves(hn: torch.Tensor, hm: torch.Tensor, r: int = 500, centre: str = "none",
-           seeds: dict | None = None) -> Curves:
-    """All statistics for N ([n, layer, hidden]) and M ([m, layer, hidden])."""
-    if centre == "joint":
-        mu = torch.cat([hn, hm]).double().mean(0, keepdim=True)
-        hn, hm = hn.double() - mu, hm.double() - mu
-    elif centre != "none":
-        raise SafetyLayersError(f"unknown centring {centre!r}: use none or joint")
-    seeds = seeds or PAPER_SEEDS
-    n, m = len(hn), len(hm)
-    cnn, cmm, cnm = pair_cosines(hn, hn), pair_cosines(hm, hm), pair_cosines(hn, hm)
-    off_n = ~torch.eye(n, dtype=torch.bool)
-    off_m = ~torch.eye(m, dtype=torch.bool)
-    all_nn, all_mm, all_nm = cnn[:, off_n], cmm[:, off_m], cnm.reshape(cnm.shape[0], -1)
-
-    def sampled(c, pairs):
-        idx_i = torch.tensor([p[0] for p in pairs])
-        idx_j = torch.tensor([p[1] for p in pairs])
-        return c[:, idx_i, idx_j]                       # [layer, r]
-
-    snn = sampled(cnn, sample_pairs(n, None, r, seeds["nn"]))
-    smm = sampled(cmm, sample_pairs(m, None, r, seeds["mm"]))
-    snm = sampled(cnm, sample_pairs(n, m, r, seeds["nm"]))
-    ls = lambda t: [float(v) for v in t]  # noqa: E731
-    return Curves(
-        centre=centre,
-        nn_mean=ls(snn.mean(1)), nn_std=ls(snn.std(1, unbiased=False)),
-        mm_mean=ls(smm.mean(1)), mm_std=ls(smm.std(1, unbiased=False)),
-        nm_mean=ls(snm.mean(1)), nm_std=ls(snm.std(1, unbiased=False)),
-        nn_exact=ls(all_nn.mean(1)), mm_exact=ls(all_mm.mean(1)), nm_exact=ls(all_nm.mean(1)),
-        gap_code=ls(_deg(snm.mean(1)) - _deg(snn.mean(1))),
-        gap_paper=ls(_deg(snm).mean(1) - _deg(snn).mean(1)),
-        gap_exact=ls(_deg(all_nm.mean(1)) - _deg(all_nn.mean(1))),
-        gap_exact_paper=ls(_deg(all_nm).mean(1) - _deg(all_nn).mean(1)),
-    )
-
-
-# --------------------------------------------------------------------------- probe
-
-def probe_accuracy(hn: torch.Tensor, hm: torch.Tensor, folds: int = 5, seed: int = 0,
-                   ridge: float = 1.0) -> list[float]:
-    """Per-layer held-out accuracy of a linear probe N vs M (stratified k-fold).
-
-    The probe is a ridge classifier on standardised features, solved in closed form in its
-    dual (prompts < hidden size) for all layers at once: seconds instead of minutes of
-    iterative logistic-regression fits, with the same kind of linear decision rule. The
-    penalty is ``ridge * hidden_size``, so it scales with the feature count.
-    """
-    x = torch.cat([hn, hm]).double().transpose(0, 1)             # [layer, P, hidden]
-    y = torch.cat([-torch.ones(len(hn)), torch.ones(len(hm))]).double()
-    folds = max(2, min(folds, len(hn), len(hm)))
-    rng = np.random.default_rng(seed)
-    fold_of = np.empty(len(y), dtype=int)
-    for cls in (np.flatnonzero(y.numpy() < 0), np.flatnonzero(y.numpy() > 0)):
-        fold_of[rng.permutation(cls)] = np.arange(len(cls)) % folds
-    correct = torch.zeros(x.shape[0], dtype=torch.float64)
-    lam = ridge * x.shape[-1]
-    for f in range(folds):
-        tr, te = torch.from_numpy(fold_of != f), torch.from_numpy(fold_of == f)
-        mu, sd = x[:, tr].mean(1, keepdim=True), x[:, tr].std(1, keepdim=True).clamp_min(1e-8)
-        xtr, xte = (x[:, tr] - mu) / sd, (x[:, te] - mu) / sd
-        ytr = y[tr]
-        b = ytr.mean()
-        k = xtr @ xtr.transpose(1, 2) + lam * torch.eye(int(tr.sum()), dtype=torch.float64)
-        alpha = torch.linalg.solve(k, (ytr - b).expand(x.shape[0], -1).unsqueeze(-1))
-        pred = (xte @ xtr.transpose(1, 2) @ alpha).squeeze(-1) + b
-        correct += (torch.sign(pred) == y[te]).double().sum(1)
-    return [float(c) / len(y) for c in correct]
-
-
-# --------------------------------------------------------------------------- initial range
-
-RANGE_RULE = ("smooth the gap curve over 3 layers; baseline = its minimum before the peak; the range "
-              "starts at the first layer whose gap exceeds baseline + {lo:.0%} of the total rise (the gap "
-              "leaves early-layer noise) and ends at the first layer reaching {hi:.0%} of it (the gap levels off)")
-
-
-def _smooth(g: np.ndarray) -> np.ndarray:
-    if len(g) < 3:
-        return g.copy()
-    padded = np.r_[g[0], g, g[-1]]
-    return np.convolve(padded, np.ones(3) / 3, mode="valid")
-
-
-def initial_range(gap, lo: float = 0.2, hi: float = 0.8, min_rise: float = 0.5) -> list[int] | None:
-    """The band where the gap rises out of early-layer noise to where it levels off.
-
-    Returns ``[start, end]`` (0-based, inclusive) or None when the curve never rises by
-    ``min_rise`` degrees, i.e. there is no gap to speak of.
-    """
-    g = _smooth(np.asarray(gap, dtype=np.float64))
-    peak = int(np.argmax(g))
-    base_idx = int(np.argmin(g[: peak + 1]))
-    base, rise = g[base_idx], g[peak] - g[base_idx]
-    if rise < min_rise:
-        return None
-    start = next(i for i in range(base_idx, peak + 1) if g[i] >= base + lo * rise)
-    end = next(i for i in range(start, peak + 1) if g[i] >= base + hi * rise)
-    return [start, end]
-
-
-def _gram_gap(G: torch.Tensor, n: int, w: torch.Tensor, centre: bool) -> np.ndarray:
-    """Code-definition gap per layer from raw Gram matrices [layer, P, P] and prompt weights w.
-
-    Weights are bootstrap counts; pairs of a prompt with itself are excluded, as in the
-    exact statistics. Centring uses the weighted joint mean, done in Gram space.
-    """
-    w = w.double()
-    if centre:
-        s = w.sum()
-        a = G @ w / s                                            # [layer, P]: <x_i, mu>
-        c = (w @ G @ w) / s**2                                   # [layer]: |mu|^2
-        G = G - a[:, :, None] - a[:, None, :] + c[:, None, None]
-    d = torch.sqrt(torch.diagonal(G, dim1=1, dim2=2).clamp_min(1e-24))
-    C = G / d[:, :, None] / d[:, None, :]
-    wn, wm = w[:n], w[n:]
-    cnn = C[:, :n, :n]
-    diag = torch.diagonal(cnn, dim1=1, dim2=2)
-    nn = ((wn @ cnn @ wn) - (wn**2 * diag).sum(-1)) / (wn.sum() ** 2 - (wn**2).sum())
-    nm = (wn @ C[:, :n, n:] @ wm) / (wn.sum() * wm.sum())
-    return _deg(nm.numpy()) - _deg(nn.numpy())
-
-
-def bootstrap_range(hn: torch.Tensor, hm: torch.Tensor, centre: bool, samples: int = 200, seed: int = 0,
-                    lo: float = 0.2, hi: float = 0.8) -> dict:
-    """Resample N and M prompts with replacement; distribution of the initial range."""
-    if samples <= 0:
-        return {}
-    x = torch.cat([hn, hm]).double()                             # [P, layer, hidden]
-    G = torch.einsum("ikd,jkd->kij", x, x)
-    n, m = len(hn), len(hm)
-    rng = np.random.default_rng(seed)
-    starts, ends, none = [], [], 0
-    for _ in range(samples):
-        w = torch.zeros(n + m, dtype=torch.float64)
-        w[:n] = torch.from_numpy(np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64))
-        w[n:] = torch.from_numpy(np.bincount(rng.integers(0, m, m), minlength=m).astype(np.float64))
-        rr = initial_range(_gram_gap(G, n, w, centre), lo, hi)
-        if rr is None:
-            none += 1
-            continue
-        starts.append(rr[0])
-        ends.append(rr[1])
-    if not starts:
-        return {"samples": samples, "no_range": none}
-    pairs = list(zip(starts, ends))
-    mode = max(set(pairs), key=pairs.count)
-    return {"samples": samples, "no_range": none,
-            "start_ci": [int(np.percentile(starts, 2.5)), int(np.percentile(starts, 97.5))],
-            "end_ci": [int(np.percentile(ends, 2.5)), int(np.percentile(ends, 97.5))],
-            "mode": list(mode), "mode_share": pairs.count(mode) / samples}
-
-
-# --------------------------------------------------------------------------- whole analysis
-
-def analyze_states(hn: torch.Tensor, hm: torch.Tensor, *, pairs: int = 500, range_curve: str = "centred",
-                   bootstrap: int = 200, seed: int = 0, probe: bool = True, rise=(0.2, 0.8),
-                   seeds: dict | None = None) -> dict:
-    """Everything computed from two stacks of hidden states ([prompt, layer, hidden])."""
-    if len(hn) < 2 or len(hm) < 2:
-        raise SafetyLayersError(
-            f"need at least 2 normal and 2 malicious prompts, got {len(hn)} and {len(hm)}: use larger sets")
-    if range_curve not in ("centred", "raw"):
-        raise SafetyLayersError(f"unknown range curve {range_curve!r}: use centred or raw")
-    raw = curves(hn, hm, pairs, "none", seeds)
-    cen = curves(hn, hm, pairs, "joint", seeds)
-    gap = (cen if range_curve == "centred" else raw).gap_exact
-    lo, hi = rise
-    return {
-        "raw": raw, "centred": cen,
-        "probe_accuracy": probe_accuracy(hn, hm, seed=seed) if probe else [],
-        "initial_range": initial_range(gap, lo, hi),
-        "bootstrap": bootstrap_range(hn, hm, range_curve == "centred", bootstrap, seed, lo, hi),
-        "range_rule": RANGE_RULE.format(lo=lo, hi=hi) + f" ({range_curve} gap, exact all-pairs means)",
-    }
-
-
-# --------------------------------------------------------------------------- the `analyze` step
-
-@dataclass
-class AnalyzeConfig:
-    """Settings of one existence analysis (``safety-layers analyze``)."""
-
-    model: str = "smollm2-135m-instruct"
-    normal: str = "normal"                   # prompt set: built-in name, file, preset:file, hf:id
-    malicious: str = "malicious"
-    limit: int | None = None                 # use only the first LIMIT prompts of each set
-    template: str = "chat"                   # chat | alpaca | alpaca_short | plain
-    pairs: int = 500                         # r sampled pairs per pair type (paper: 500)
-    bootstrap: int = 200                     # prompt resamples for the range interval (0: off)
-    range_curve: str = "centred"             # which gap curve the initial range is read from
-    probe: bool = True
-    final_norm: bool = True                  # last block's vector after the final norm, as the paper's code
-    reference_model: str | None = None       # e.g. the unaligned base, for aligned-minus-base curves
-    seed: int = 0
-    paper: bool = False                      # paper mode: Alpaca template, raw gap drives the range
-    out: str | None = None
-    overwrite: bool = False
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.paper:
-            self.template, self.range_curve = "alpaca", "raw"
-        if self.pairs < 1:
-            raise SafetyLayersError(f"--pairs must be at least 1, got {self.pairs}")
+    @classmethod
+    def from_json(cls, path: str | Path) -> "AnalyzeResult":
+        """A result written by :meth:`to_json` (an analyze run folder's ``result.json``); one-line errors."""
+        data = read_json(path, "analyze result")
+        for name in ("raw", "centred"):
+            data[name] = from_mapping(Curves, data.get(name), f"{path} ({name} curves)")
+        return from_mapping(cls, data, str(path))
 
 
 def _states(model, cfg: AnalyzeConfig, normal, malicious, tag=""):
@@ -316,6 +110,44 @@ def _states(model, cfg: AnalyzeConfig, normal, malicious, tag=""):
     return hn, hm
 
 
+def _reference(lm, cfg: AnalyzeConfig, normal, malicious, stats: dict) -> dict:
+    """The reference model's curves on the same prompts, and the model's minus the reference's."""
+    from ..core.models import load_or_use
+
+    ref = load_or_use(cfg.reference_model)
+    if len(ref.blocks) != len(lm.blocks):
+        raise SafetyLayersError(
+            f"reference model has {len(ref.blocks)} layers, the model {len(lm.blocks)}: compare models of one family")
+    rn, rm = _states(ref, cfg, normal, malicious, tag="reference ")
+    rstats = analyze_states(rn, rm, pairs=cfg.pairs, range_curve=cfg.range_curve, bootstrap=0,
+                            seed=cfg.seed, probe=cfg.probe)
+    return {
+        "model": cfg.reference_model,
+        "raw_gap": rstats["raw"].gap_exact, "centred_gap": rstats["centred"].gap_exact,
+        "probe_accuracy": rstats["probe_accuracy"], "initial_range": rstats["initial_range"],
+        "raw_gap_difference": [a - b for a, b in zip(stats["raw"].gap_exact, rstats["raw"].gap_exact)],
+        "centred_gap_difference": [a - b for a, b in zip(stats["centred"].gap_exact, rstats["centred"].gap_exact)],
+        "probe_difference": [a - b for a, b in zip(stats["probe_accuracy"], rstats["probe_accuracy"])],
+    }
+
+
+def _write(run_dir: Path, cfg: AnalyzeConfig, result: AnalyzeResult, lm, normal, malicious, hn, hm) -> None:
+    """``config.json``, ``env.json``, the hidden states, the two figures and ``result.json``."""
+    from safetensors.torch import save_file
+
+    from ..core.runs import environment
+    from .plots import plot_analysis, plot_probe
+
+    run_dir = Path(run_dir)
+    write_json(run_dir / "config.json", cfg)
+    write_json(run_dir / "env.json", {**environment(), "model_fingerprint": lm.fingerprint(),
+                                      "normal_source": normal.source, "malicious_source": malicious.source})
+    save_file({"normal": hn.contiguous(), "malicious": hm.contiguous()}, str(run_dir / "hidden_states.safetensors"))
+    plot_analysis(result, run_dir / "analysis.png")
+    plot_probe(result, run_dir / "probe.png")
+    result.to_json(run_dir / "result.json")
+
+
 def analyze(cfg: AnalyzeConfig | None = None, *, model=None, run_dir=None) -> AnalyzeResult:
     """Run the existence analysis and, if ``run_dir`` is given, write the run folder.
 
@@ -324,7 +156,6 @@ def analyze(cfg: AnalyzeConfig | None = None, *, model=None, run_dir=None) -> An
     """
     from ..core.data import load_prompts
     from ..core.models import load_or_use
-    from ..core.runs import environment, write_json
 
     cfg = cfg or AnalyzeConfig()
     normal = load_prompts(cfg.normal, cfg.limit).require(2, "normal prompts")
@@ -333,23 +164,7 @@ def analyze(cfg: AnalyzeConfig | None = None, *, model=None, run_dir=None) -> An
     hn, hm = _states(lm, cfg, normal, malicious)
     stats = analyze_states(hn, hm, pairs=cfg.pairs, range_curve=cfg.range_curve, bootstrap=cfg.bootstrap,
                            seed=cfg.seed, probe=cfg.probe)
-    reference = None
-    if cfg.reference_model:
-        ref = load_or_use(cfg.reference_model)
-        if len(ref.blocks) != len(lm.blocks):
-            raise SafetyLayersError(
-                f"reference model has {len(ref.blocks)} layers, the model {len(lm.blocks)}: compare models of one family")
-        rn, rm = _states(ref, cfg, normal, malicious, tag="reference ")
-        rstats = analyze_states(rn, rm, pairs=cfg.pairs, range_curve=cfg.range_curve, bootstrap=0,
-                                seed=cfg.seed, probe=cfg.probe)
-        reference = {
-            "model": cfg.reference_model,
-            "raw_gap": rstats["raw"].gap_exact, "centred_gap": rstats["centred"].gap_exact,
-            "probe_accuracy": rstats["probe_accuracy"], "initial_range": rstats["initial_range"],
-            "raw_gap_difference": [a - b for a, b in zip(stats["raw"].gap_exact, rstats["raw"].gap_exact)],
-            "centred_gap_difference": [a - b for a, b in zip(stats["centred"].gap_exact, rstats["centred"].gap_exact)],
-            "probe_difference": [a - b for a, b in zip(stats["probe_accuracy"], rstats["probe_accuracy"])],
-        }
+    reference = _reference(lm, cfg, normal, malicious, stats) if cfg.reference_model else None
     notes = []
     if stats["initial_range"] is None:
         notes.append("no gap rises out of the early layers: this model shows no initial safety-layer range "
@@ -361,14 +176,5 @@ def analyze(cfg: AnalyzeConfig | None = None, *, model=None, run_dir=None) -> An
         range_curve=cfg.range_curve, initial_range=stats["initial_range"], range_rule=stats["range_rule"],
         bootstrap=stats["bootstrap"], reference=reference, notes=notes)
     if run_dir is not None:
-        from safetensors.torch import save_file
-
-        from .plots import plot_analysis, plot_probe
-        write_json(run_dir / "config.json", cfg)
-        write_json(run_dir / "env.json", {**environment(), "model_fingerprint": lm.fingerprint(),
-                                          "normal_source": normal.source, "malicious_source": malicious.source})
-        save_file({"normal": hn.contiguous(), "malicious": hm.contiguous()}, str(run_dir / "hidden_states.safetensors"))
-        plot_analysis(result, run_dir / "analysis.png")
-        plot_probe(result, run_dir / "probe.png")
-        write_json(run_dir / "result.json", result)
+        _write(run_dir, cfg, result, lm, normal, malicious, hn, hm)
     return result

@@ -124,6 +124,25 @@ class Blocks:
                     out[f"norm.{n}.weight"] = mod.weight
         return out
 
+    def parameters(self, layers, norms: bool = False) -> dict[str, torch.nn.Parameter]:
+        """Every parameter that freezing ``layers`` (a LayerRange or layer indices) covers, by its
+        name in :attr:`model`: the whole attention and MLP sub-modules of each block (weights,
+        biases, q/k norms where an architecture has them, LoRA adapters inside them), and with
+        ``norms`` the block's own norms too, which makes it the whole block on every ArchSpec.
+
+        The one meaning of "frozen" in this package: SPPFT freezes the band without norms (as
+        the paper's released code does), align's ``frozen_layers`` with them.
+        """
+        subs = list(dict.fromkeys(path.split(".")[0] for path in self.spec.components.values()))
+        out: dict[str, torch.nn.Parameter] = {}
+        for i in getattr(layers, "indices", layers):
+            block = self.layers[i]
+            names = subs + [n for n in self.spec.norms if norms and hasattr(block, n)]
+            for sub in names:
+                for name, p in block.get_submodule(sub).named_parameters(prefix=self.param_name(i, sub)):
+                    out[name] = p
+        return out
+
     def param_name(self, layer: int, module_path: str) -> str:
         return f"{self.layers_path}.{layer}.{module_path}"
 

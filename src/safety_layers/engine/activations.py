@@ -1,7 +1,7 @@
 """Last-token hidden states of every decoder block in the prefill pass.
 
 For prompt ``p`` and block ``i`` (0-based) we keep the block's output at the last prompt
-token, ``blocks.{i}.resid_post[-1]``: the vector the paper compares (paper.md §2.2). The
+token, ``blocks.{i}.resid_post[-1]``: the vector the paper compares (paper §3.2). The
 embedding output is not a layer. With ``final_norm=True`` (the default, as in the paper's
 code, which reads ``output_hidden_states``) the last block's vector has the model's final
 norm applied, because that is what transformers returns as the last hidden state.
@@ -39,9 +39,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..core.errors import SafetyLayersError
-from .generation import _new_cache, _plain_layers, cache_kwargs
 from ..core.models import LoadedModel, cache_dir
 from ..core.prompts import render
+from .cache import cache_kwargs, freeze_prefix, new_cache
 
 
 class _Stop(Exception):
@@ -99,39 +99,15 @@ def _run_until(lm: LoadedModel, input_ids: torch.Tensor, upto: int, hook_for=Non
             h.remove()
 
 
-_FROZEN = None
-
-
-def _frozen_layer_class():
-    """A cache layer holding a shared prefix's keys and values for one row: each batch reads
-    them broadcast to its size and its own keys and values are not kept, so the cache neither
-    copies the prefix per row nor grows with the batch's tokens (memory stays O(prefix))."""
-    global _FROZEN
-    if _FROZEN is None:
-        from transformers.cache_utils import DynamicLayer
-
-        class FrozenPrefixLayer(DynamicLayer):
-            def update(self, key_states, value_states, *args, **kwargs):
-                b = key_states.shape[0]
-                return (torch.cat([self.keys.expand(b, -1, -1, -1), key_states], dim=-2),
-                        torch.cat([self.values.expand(b, -1, -1, -1), value_states], dim=-2))
-
-        _FROZEN = FrozenPrefixLayer
-    return _FROZEN
-
-
 @torch.inference_mode()
 def _prefix_cache(lm: LoadedModel, prefix: list[int], upto: int):
     """Keys and values of blocks 0..upto for ``prefix`` (one row), or None if the model has no cache."""
-    cache = _new_cache(lm.model)
+    cache = new_cache(lm.model)
     if cache is None:
         return None
     device = next(lm.model.parameters()).device
     _run_until(lm, torch.tensor([prefix], device=device), upto, **cache_kwargs(cache))
-    if _plain_layers(cache, upto):
-        for layer in cache.layers[: upto + 1]:
-            layer.__class__ = _frozen_layer_class()
-        cache.frozen = True
+    freeze_prefix(cache, upto)  # else (e.g. sliding-window layers) each batch gets a grown copy
     return cache
 
 

@@ -1,7 +1,7 @@
 """Batched generation: greedy by default, stop tokens from the model, cached on disk.
 
 The released code generated one prompt at a time with a hard-coded ``<|eot_id|>`` EOS
-(paper.md §3.4, §10). Here prompts are sorted by length and decoded in batches by our own
+(16 greedy tokens per prompt, paper §3.4.3). Here prompts are sorted by length and decoded in batches by our own
 loop, which beat ``model.generate`` on the same batches (``bench/bench_generation.py``):
 
 - prefill (:func:`prefill`): a prefix the whole batch shares (the chat template's system
@@ -35,6 +35,8 @@ import torch
 from ..core.errors import SafetyLayersError
 from ..core.models import LoadedModel, cache_dir, load_or_use
 from ..core.prompts import Rendered, render, resolve_template
+from .cache import cache_kwargs, can_share_prefix, is_buffered, new_cache, output_cache
+from .distributed import map_sharded, world
 
 Backend = Literal["hf", "vllm"]
 #: Bumped when a change to the decode loop could change outputs, so old cache entries die.
@@ -193,131 +195,6 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
-_CACHE_ARG: str | None = None
-
-
-def _cache_arg_name() -> str:
-    """The forward's KV-cache argument: ``cache`` in recent transformers (which warns on the
-    old ``past_key_values`` name), ``past_key_values`` before."""
-    global _CACHE_ARG
-    if _CACHE_ARG is None:
-        from transformers import LlamaModel
-        _CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
-    return _CACHE_ARG
-
-
-def cache_kwargs(cache) -> dict:
-    """Keyword arguments that pass ``cache`` to a decoder forward and ask it to be filled."""
-    return {_cache_arg_name(): cache, "use_cache": True}
-
-
-def output_cache(out):
-    """The KV cache a forward returned, under either transformers name."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-def _new_cache(model, capacity: int | None = None):
-    """A DynamicCache; with ``capacity`` its plain layers write into preallocated room."""
-    try:
-        from transformers import DynamicCache
-    except ImportError:  # pragma: no cover - very old transformers
-        return None
-    try:
-        cache = DynamicCache(config=model.config)
-    except TypeError:  # transformers < 4.56 takes no config
-        return DynamicCache()
-    if capacity and _plain_layers(cache):
-        cls = _buffered_layer_class()
-        cache.layers = [cls(capacity) for _ in cache.layers]
-    return cache
-
-
-def _plain_layers(cache, upto: int | None = None) -> bool:
-    """Whether the cache's layers (0..upto, default all) are plain ``DynamicLayer``s, the only
-    kind our subclasses may replace (sliding-window layers keep their own logic)."""
-    layers = getattr(cache, "layers", None)
-    if not layers:
-        return False
-    return all(type(l).__name__ == "DynamicLayer" for l in layers[: None if upto is None else upto + 1])
-
-
-_BUFFERED = None
-
-
-def _buffered_layer_class():
-    """``DynamicLayer`` grows by ``torch.cat``, copying the whole cache at every step (a
-    quarter of decode time on CPU at 32 new tokens). This subclass allocates room for the
-    whole generation once and writes each step in place; ``keys``/``values`` are views."""
-    global _BUFFERED
-    if _BUFFERED is not None:
-        return _BUFFERED
-    from transformers.cache_utils import DynamicLayer
-
-    class BufferedLayer(DynamicLayer):
-        def __init__(self, capacity: int):
-            super().__init__()
-            self.capacity = capacity
-            self._k = self._v = None
-            self._n = 0
-
-        def _view(self):
-            self.keys, self.values = self._k[..., :self._n, :], self._v[..., :self._n, :]
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            q = key_states.shape[-2]
-            if self._k is None or self._n + q > self._k.shape[-2]:
-                room = max(self.capacity, 2 * (self._n + q))
-                k = key_states.new_empty((*key_states.shape[:-2], room, key_states.shape[-1]))
-                v = value_states.new_empty((*value_states.shape[:-2], room, value_states.shape[-1]))
-                if self._n:
-                    k[..., :self._n, :], v[..., :self._n, :] = self.keys, self.values
-                self._k, self._v = k, v
-            self._k[..., self._n:self._n + q, :] = key_states
-            self._v[..., self._n:self._n + q, :] = value_states
-            self._n += q
-            self._view()
-            return self.keys, self.values
-
-        def load(self, keys, values, length: int):
-            """Take over buffers [batch, heads, room, head_dim] whose first ``length`` columns are filled."""
-            if not self.is_initialized:
-                self.lazy_initialization(keys, values)
-            self._k, self._v, self._n = keys, values, length
-            self._view()
-
-        def reset(self):
-            self._k = self._v = None
-            self._n = 0
-            super().reset()
-
-        def crop(self, tokens_to_remove: int):
-            if tokens_to_remove < 0 and self._n:
-                self._n = max(0, self._n + tokens_to_remove)
-                self._view()
-            elif tokens_to_remove > 0:
-                super().crop(tokens_to_remove)  # raises like the parent
-
-        def batch_repeat_interleave(self, repeats: int):
-            if self._n:
-                self._k = self._k.repeat_interleave(repeats, dim=0)
-                self._v = self._v.repeat_interleave(repeats, dim=0)
-                self._view()
-
-        def batch_select_indices(self, indices):
-            if self._n:
-                self._k, self._v = self._k[indices, ...], self._v[indices, ...]
-                self._view()
-
-        def reorder_cache(self, beam_idx):
-            self.batch_select_indices(beam_idx.to(self._k.device) if self._n else beam_idx)
-
-    _BUFFERED = BufferedLayer
-    return BufferedLayer
-
-
 def _row_seed(seed: int, key: str) -> int:
     """A sampling seed per prompt, so a prompt's sample does not depend on its batch."""
     return int(hashlib.sha256(f"{seed}\0{key}".encode()).hexdigest()[:15], 16)
@@ -370,13 +247,6 @@ def _common_prefix_len(seqs: list[list[int]]) -> int:
     return n
 
 
-def _can_share_prefix(cache) -> bool:
-    """Only plain dynamic cache layers can be repeated across rows and pruned by row."""
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(l).__name__ in ("DynamicLayer", "BufferedLayer") for l in layers) \
-        and hasattr(cache, "batch_repeat_interleave")
-
-
 def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(x) for x in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -423,11 +293,6 @@ def _length_chunks(lengths: list[int]) -> list[list[int]]:
     return chunks
 
 
-def _is_buffered(cache) -> bool:
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(l).__name__ == "BufferedLayer" for l in layers)
-
-
 def prefill(model, seqs: list[list[int]], pad_id: int, *, share_prefix: bool = True,
             use_logits_to_keep: bool | None = None, room: int = 0, keep_cache: bool = True) -> Prefill:
     """Run a batch of token-id prompts and return the logits at each one's next position.
@@ -451,9 +316,9 @@ def prefill(model, seqs: list[list[int]], pad_id: int, *, share_prefix: bool = T
     if use_logits_to_keep is None:
         use_logits_to_keep = _accepts(model, "logits_to_keep")
     n = len(seqs)
-    cache = _new_cache(model, capacity=max(map(len, seqs)) + room)
+    cache = new_cache(model, capacity=max(map(len, seqs)) + room)
     shared = 0
-    if share_prefix and n > 1 and pass_positions and _can_share_prefix(cache):
+    if share_prefix and n > 1 and pass_positions and can_share_prefix(cache):
         shared = min(_common_prefix_len(seqs), min(len(x) for x in seqs) - 1)  # each row keeps >= 1 token
         if shared < MIN_SHARED_PREFIX:
             shared = 0
@@ -462,7 +327,7 @@ def prefill(model, seqs: list[list[int]], pad_id: int, *, share_prefix: bool = T
         _forward(model, prefix, torch.ones_like(prefix), torch.arange(shared, device=device)[None], cache,
                  use_logits_to_keep)
     suffixes = [x[shared:] for x in seqs]
-    chunks = _length_chunks([len(x) for x in suffixes]) if pass_positions and _is_buffered(cache) else [list(range(n))]
+    chunks = _length_chunks([len(x) for x in suffixes]) if pass_positions and is_buffered(cache) else [list(range(n))]
     if len(chunks) == 1:
         if shared:
             cache.batch_repeat_interleave(n)
@@ -478,7 +343,7 @@ def prefill(model, seqs: list[list[int]], pad_id: int, *, share_prefix: bool = T
     logits: list[torch.Tensor | None] = [None] * n
     full = None  # per layer: keys and values of the whole batch [n, heads, total + room, head_dim]
     for idx in chunks:
-        sub = _new_cache(model, capacity=shared + max(len(suffixes[i]) for i in idx))
+        sub = new_cache(model, capacity=shared + max(len(suffixes[i]) for i in idx))
         if shared:
             for ls, lp in zip(sub.layers, cache.layers):
                 ls.update(lp.keys.expand(len(idx), -1, -1, -1), lp.values.expand(len(idx), -1, -1, -1))
@@ -643,6 +508,14 @@ def generate(model, prompts: list[str], settings: GenerationSettings | None = No
         _run_hf(lm, list(todo.values()), s, stop_ids, first_prompt, done, store, progress, len(done))
 
     return [_with_prompt(done[k], p) for k, p in zip(keys, prompts)]
+
+
+def generate_all(model: LoadedModel, prompts: list[str], settings: GenerationSettings, *, template: str = "chat",
+                 cache: bool = True, progress: bool = True, backend: Backend = "hf") -> list[Completion]:
+    """:func:`generate` on this process's shard of ``prompts``, gathered in input order on every rank."""
+    w = world()
+    return map_sharded(lambda shard: generate(model, shard, settings, template=template, cache=cache,
+                                              progress=progress and w.is_main, backend=backend), prompts, w)
 
 
 def _with_prompt(c: Completion, prompt: str) -> Completion:

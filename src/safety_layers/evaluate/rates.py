@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..core.errors import SafetyLayersError
-from ..core.models import LoadedModel, load_or_use
+from ..core.models import load_or_use
 from ..core.runs import to_jsonable
 from ..core.stats import cohen_kappa, percent_agreement, wilson_interval
-from ..engine.distributed import map_sharded, run_on_main, world
-from ..engine.generation import Completion, GenerationSettings, generate
-from ..judges import Judge, JudgeSummary, Verdict, get_judge, summarize
+from ..engine.distributed import run_on_main
+from ..engine.generation import Completion, GenerationSettings, generate_all
+from ..judges import Judge, JudgeSummary, Verdict, build_judge, summarize
 
 #: Field metadata of per-prompt data: written to samples.jsonl instead of result.json.
 SAMPLE = {"sample": True}
@@ -82,18 +82,6 @@ def _pair(x):
 
 
 # --------------------------------------------------------------------------- judges
-
-
-def build_judge(name: str, **options) -> Judge:
-    """A judge by its evaluation name: ``keyword`` (refusal openings), ``keyword-gcg`` (the GCG
-    keyword list), ``dummy``, ``classifier`` or ``llm``; ``options`` go to the judge."""
-    if name == "keyword":
-        return get_judge("keyword", mode="opening", **options)
-    if name == "keyword-gcg":
-        return get_judge("keyword", mode="gcg", **options)
-    if name in ("dummy", "classifier", "llm"):
-        return get_judge(name, **options)
-    raise SafetyLayersError(f"unknown judge '{name}'; valid judges: keyword, keyword-gcg, dummy, classifier, llm")
 
 
 def judge_label(judge: Judge) -> str:
@@ -186,14 +174,6 @@ def rate_result(metric: str, name: str, source: str, prompts: list[str], comps: 
 
 
 # --------------------------------------------------------------------------- generation
-
-
-def generate_all(model: LoadedModel, prompts: list[str], settings: GenerationSettings, *, template: str = "chat",
-                 cache: bool = True, progress: bool = True, backend: str = "hf") -> list[Completion]:
-    """``generate`` on this process's shard of ``prompts``, gathered in input order on every rank."""
-    w = world()
-    return map_sharded(lambda shard: generate(model, shard, settings, template=template, cache=cache,
-                                              progress=progress and w.is_main, backend=backend), prompts, w)
 
 
 def prompt_set(prompts, limit: int | None = None):

@@ -1,9 +1,13 @@
 """Refusal judges: a registry of plugins that turn (prompt, completion) pairs into verdicts.
 
-``get_judge("keyword")``, ``get_judge("classifier", model=...)``, ``get_judge("llm", ...)``;
-the first-token refusal proxy (:mod:`.proxy`) scores prompts without generating.
+``build_judge("keyword")``, ``build_judge("classifier", model=...)``, ``build_judge("llm", ...)``
+(or ``get_judge`` for a registered name with its options as they are); the first-token
+refusal proxy (:mod:`.proxy`) scores prompts without generating.
 """
 
-from .refusal import Judge, JudgeSummary, Verdict, get_judge, list_judges, register_judge, summarize
+from .base import (Judge, JudgeSummary, Verdict, get_judge, harmful_score, list_judges, register_judge,
+                   summarize)
+from .factory import build_judge
 
-__all__ = ["Judge", "JudgeSummary", "Verdict", "get_judge", "list_judges", "register_judge", "summarize"]
+__all__ = ["Judge", "JudgeSummary", "Verdict", "build_judge", "get_judge", "harmful_score", "list_judges",
+           "register_judge", "summarize"]

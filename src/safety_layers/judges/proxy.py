@@ -25,7 +25,7 @@ from ..engine.generation import prefill
 from ..core.models import LoadedModel, load_or_use
 from ..core.prompts import render, resolve_template
 
-#: How aligned chat models open a refusal (spec §3.4 A.3.3 and common chat models). Only
+#: How aligned chat models open a refusal (paper A.3.3 and common chat models). Only
 #: each opening's first token matters; many share "I", which also opens helpful replies,
 #: which is why the threshold is calibrated rather than fixed.
 DEFAULT_OPENINGS: tuple[str, ...] = (
@@ -183,7 +183,7 @@ class FirstTokenProxy:
                   scores: np.ndarray | None = None) -> float:
         """Set and return the threshold that best reproduces ``keyword_verdicts``.
 
-        The verdicts are bools or objects with a ``refused`` attribute (``refusal.Verdict``),
+        The verdicts are bools or objects with a ``refused`` attribute (``judges.Verdict``),
         one per prompt, from judging generated completions. Pass ``scores`` if already computed.
         """
         refused = [bool(getattr(v, "refused", v)) for v in keyword_verdicts]

@@ -1,5 +1,10 @@
-"""Localization: scale candidate bands, count over-rejection, sweep the bounds (paper §3.4-3.6)."""
+"""Localization: scale candidate bands, count over-rejection, sweep the bounds (paper §3.4).
 
-from .run import LocateConfig, LocateResult, locate
+:mod:`.search` holds the sweep rules (no model, no files), :mod:`.trials` the counting on the
+model and its journal, :mod:`.plots` the figure, :mod:`.run` the step itself.
+"""
 
-__all__ = ["LocateConfig", "LocateResult", "locate"]
+from .plots import plot_sweeps
+from .run import LocateConfig, LocateResult, locate, print_summary
+
+__all__ = ["LocateConfig", "LocateResult", "locate", "plot_sweeps", "print_summary"]

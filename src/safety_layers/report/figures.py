@@ -9,11 +9,10 @@ only one drawn here.
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from pathlib import Path
 
-from ..core.runs import atomic_write, read_json
+from ..core.runs import atomic_write
 from .render import Figure, fmt_lr
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -67,24 +66,18 @@ def _plt():
     return plt
 
 
-def _build(cls, data: dict):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in names})
-
-
 def analyze_result(path: Path):
-    """An analyze run's result.json as an AnalyzeResult (the shape its plots take)."""
-    from ..analysis.run import AnalyzeResult, Curves
+    """An analyze run's result.json as the AnalyzeResult its plots take."""
+    from ..analysis import AnalyzeResult
 
-    d = read_json(path, "analyze result")
-    return _build(AnalyzeResult, {**d, "raw": _build(Curves, d["raw"]), "centred": _build(Curves, d["centred"])})
+    return AnalyzeResult.from_json(path)
 
 
 def locate_result(path: Path):
-    """A locate run's result.json as a LocateResult (the shape its sweeps plot takes)."""
+    """A locate run's result.json as the LocateResult its sweeps plot takes."""
     from ..locate import LocateResult
 
-    return _build(LocateResult, read_json(path, "locate result"))
+    return LocateResult.from_json(path)
 
 
 def draw_analysis(path: Path, result_json: Path) -> None:
@@ -100,7 +93,7 @@ def draw_probe(path: Path, result_json: Path) -> None:
 
 
 def draw_sweeps(path: Path, result_json: Path) -> None:
-    from ..locate.run import plot_sweeps
+    from ..locate.plots import plot_sweeps
 
     plot_sweeps(locate_result(result_json), path)
 

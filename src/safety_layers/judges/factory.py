@@ -1,0 +1,31 @@
+"""One way to build a judge from a name and options, for every step that counts refusals.
+
+``keyword`` and ``keyword-gcg`` are the keyword judge in its two modes; every other name is a
+registered judge (``dummy``, ``classifier``, ``llm`` or one of yours). Options left None are
+not passed, so a step can hand over its config fields as they are and the judge's own
+defaults apply to what the user did not set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Judge, get_judge
+
+#: Names that stand for a registered judge with preset options.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "keyword": ("keyword", {"mode": "opening"}),
+    "keyword-gcg": ("keyword", {"mode": "gcg"}),
+}
+
+
+def build_judge(name: str, **options: Any) -> Judge:
+    """The judge ``name`` (a preset of :data:`PRESETS` or a registered judge) with ``options``.
+
+    ``build_judge("keyword")``, ``build_judge("dummy", marker="NO")``,
+    ``build_judge("classifier", model=..., kind="sequence")``,
+    ``build_judge("llm", model=..., base_url=..., api_key_env=...)``. Unknown names and
+    options fail with one line listing the valid ones.
+    """
+    registered, preset = PRESETS.get(name, (name, {}))
+    return get_judge(registered, **{**preset, **{k: v for k, v in options.items() if v is not None}})
