@@ -452,14 +452,17 @@ def test_every_typed_field_is_checked():
             bad = _bad_value(hints.get(f.name)) if f.init else None
             if bad is None:
                 continue
-            try:
-                from_mapping(cls, {f.name: bad}, "x.yaml")
-            except SafetyLayersError as e:
-                if str(e).startswith(f"x.yaml: {f.name} must be ") and repr(bad) in str(e):
-                    checked += 1
-                    continue
-            missed.append(f"{cls.__name__}.{f.name}")
-    assert not missed and checked >= 30, (checked, missed)
+            for build, where in ((lambda: from_mapping(cls, {f.name: bad}, "x.yaml"), "x.yaml"),
+                                 (lambda: cls(**{f.name: bad}), cls.__name__)):         # YAML/flags, Python
+                try:
+                    build()
+                except Exception as e:  # noqa: BLE001 - a TypeError from a comparison is what this catches
+                    if isinstance(e, SafetyLayersError) and str(e).startswith(f"{where}: {f.name} must be ") \
+                            and repr(bad) in str(e):
+                        checked += 1
+                        continue
+                missed.append(f"{where} {cls.__name__}.{f.name}")
+    assert not missed and checked >= 60, (checked, missed)
 
 
 @dataclasses.dataclass
@@ -480,3 +483,43 @@ def test_python_users_get_the_same_checks():
         _Settings(mode="c")
     s = _Settings(steps=4.0, lr="1e-5", names="x, y")     # lossless: YAML reads 1e-5 as text
     assert (s.steps, s.lr, s.names) == (4, 1e-5, ["x", "y"]) and _Settings().lr == 1e-4
+
+
+# --------------------------------------------------------------------------- faults of the issue
+
+def test_a_resumed_locate_writes_every_sample(tmp_path, monkeypatch):
+    """Killed after the baseline and resumed with the generation cache off, samples.jsonl still
+    holds the baseline's completions: the same file as an uninterrupted run."""
+    from helpers_locate import refusing_tiny_model, tiny_config
+
+    from safety_layers.judges import proxy as proxy_mod
+    from safety_layers.locate import locate
+
+    monkeypatch.setenv("SAFETY_LAYERS_CACHE", str(tmp_path / "cache"))
+    cfg = dict(cache=False, limit=6, window=1)
+    locate(tiny_config(**cfg), model=refusing_tiny_model(), run_dir=tmp_path / "whole")
+    original, calls = proxy_mod.FirstTokenProxy.scores, []
+
+    def killed(self, prompts):
+        calls.append(1)
+        if len(calls) == 5:                       # after the baseline and calibration
+            raise KeyboardInterrupt
+        return original(self, prompts)
+
+    monkeypatch.setattr(proxy_mod.FirstTokenProxy, "scores", killed)
+    with pytest.raises(KeyboardInterrupt):
+        locate(tiny_config(**cfg), model=refusing_tiny_model(), run_dir=tmp_path / "run")
+    monkeypatch.setattr(proxy_mod.FirstTokenProxy, "scores", original)
+    locate(tiny_config(**cfg), model=refusing_tiny_model(), run_dir=tmp_path / "run")
+    whole = (tmp_path / "whole" / "samples.jsonl").read_text().splitlines()
+    resumed = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
+    assert len(whole) == 5 * 6 and resumed == whole
+    assert {json.loads(x)["range"] is None for x in resumed} == {True, False}
+
+
+def test_a_tiny_prompt_set_bootstraps_without_a_traceback(inside, capsys, tmp_path):
+    """Three prompts a set: some bootstrap resamples draw one prompt thrice and have no pair to
+    compare; they count as 'no range' instead of ending the run in a StopIteration."""
+    out = tmp_path / "run"
+    assert main(["analyze", *TINY, "--limit", "3", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert json.loads((out / "result.json").read_text())["bootstrap"]["samples"] == 200

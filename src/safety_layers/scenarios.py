@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from .core.config import from_mapping
+from .core.config import from_mapping, settle
 from .core.data import Records, read_records, sha256_file
 from .core.errors import SafetyLayersError
 from .core.registry import Registry
@@ -76,6 +76,7 @@ class ScenarioConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output file"})
 
     def __post_init__(self):
+        settle(self)                              # the type checks every config gets
         if self.n is not None and self.n < 1:
             raise SafetyLayersError(f"--n must be at least 1, got {self.n}")
         if self.trigger_position not in ("suffix", "prefix"):

@@ -234,7 +234,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from transformers import TrainingArguments
 
     from ..core.config import check_types, init_fields
-    from ..core.runs import check_out_dir, default_run_dir
+    from ..core.runs import default_run_dir, run_folder
     from ..finetune import FinetuneConfig, finetune
     from .args import build_config, yaml_values
 
@@ -248,10 +248,12 @@ def run_finetune(args: argparse.Namespace) -> int:
     paper_note(cfg)
     theirs.setdefault("output_dir", str(default_run_dir("finetune", cfg.model, cfg.method)))
     targs = training_arguments(theirs, args.passthrough)
-    check_out_dir(targs.output_dir, resume=True, flag="--output-dir")     # its checkpoints may be resumed
     library_bars(not targs.disable_tqdm)
-    result = finetune(cfg, targs)
-    if is_main_process():
+    main = is_main_process()
+    with run_folder("finetune", cfg.model, targs.output_dir, resume=True, flag="--output-dir") if main else \
+            contextlib.nullcontext():                                       # its checkpoints may be resumed
+        result = finetune(cfg, targs)
+    if main:
         band = f"band {result.band[0]}-{result.band[1]} (0-based, inclusive)" if result.band else "no band"
         loss = f", train loss {result.train_loss:.4f}" if result.train_loss is not None else ""
         print(f"{result.method} on {result.model}, {band}: {result.samples} examples, "

@@ -251,14 +251,14 @@ class RunLock:
 
 @contextmanager
 def run_folder(verb: str, model: str, out: str | Path | None = None, *, overwrite: bool = False,
-               resume: bool = False, root: str | Path = "runs"):
+               resume: bool = False, root: str | Path = "runs", flag: str = "--out"):
     """The run folder (``out`` or ``runs/<verb>-<model>-<time>``): checked (:func:`check_out_dir`),
     created and locked (:class:`RunLock`) for the block. If the block fails, a folder this
     call created is removed again when nothing was written into it, so a bad input never
     leaves an empty run folder behind; what a failed run did write (a journal to resume
     from) stays."""
     path = check_out_dir(Path(out) if out else default_run_dir(verb, model, root=root),
-                         overwrite=overwrite, resume=resume)
+                         overwrite=overwrite, resume=resume, flag=flag)
     made = [p for p in [path, *path.parents] if not p.exists()]
     path.mkdir(parents=True, exist_ok=True)
     ok = False

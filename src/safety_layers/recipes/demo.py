@@ -26,6 +26,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.config import settle
 from ..core.errors import SafetyLayersError
 
 _YAML = {"cli": False}   # a setting for YAML files and Python, not a command-line flag
@@ -71,6 +72,7 @@ class DemoConfig:
     progress: bool = field(default=True, metadata={"help": "progress bars and stage lines"})
 
     def __post_init__(self):
+        settle(self)                              # the type checks every config gets
         if self.scenario not in ("normal", "implicit", "backdoor"):
             raise SafetyLayersError(f"the demo runs normal, implicit or backdoor, got {self.scenario!r} "
                                     "(the harmful scenario needs harmful data: use `safety-layers experiment`)")
