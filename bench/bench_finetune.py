@@ -4,7 +4,7 @@ Each method trains the bundled SmolLM2-135M-Instruct (fp32) for a few steps on t
 Alpaca rows, in its own subprocess so that peak memory is its own: RSS on CPU (the
 process lifetime peak, and the peak while training above the RSS just before it), CUDA
 peak allocation on a GPU. Optimizer state is the sum of the optimizer's state tensors.
-The paper claims savings but never measures them (paper.md §4.11); what to expect:
+The paper claims savings but never measures them (docs/paper.md §4.11); what to expect:
 optimizer state and gradients shrink by the frozen fraction, step time only a little,
 because backward still flows through the frozen band to the layers below it.
 

@@ -17,7 +17,6 @@ import pytest
 import safety_layers
 
 ALIGN_DIR = Path(safety_layers.__file__).parent / "data" / "align"
-SHARED_DATA = Path("/work/shared/data")
 
 HARM_CATEGORIES = {
     "weapons", "violence", "cybercrime", "fraud", "drugs", "hate", "self-harm", "privacy", "other",
@@ -139,13 +138,9 @@ def test_train_and_heldout_are_not_near_duplicates(data):
     assert not close, close[:5]
 
 
-@pytest.mark.parametrize("path,column", [
-    (SHARED_DATA / "harmful_behaviors.csv", "goal"),
-    (SHARED_DATA / "xstest_prompts.csv", "prompt"),
-])
-def test_no_exact_overlap_with_public_sets(data, path, column):
-    if not path.exists():
-        pytest.skip(f"{path} not available")
+@pytest.mark.parametrize("name,column", [("harmful_behaviors.csv", "goal"), ("xstest_prompts.csv", "prompt")])
+def test_no_exact_overlap_with_public_sets(data, shared_data, name, column):
+    path = shared_data / name
     with path.open(encoding="utf-8") as f:
         public = {_norm(row[column]) for row in csv.DictReader(f)}
     ours = {_norm(r["prompt"]) for n in PROMPT_FILES for r in data[n]}

@@ -246,14 +246,14 @@ def test_not_enough_disk_is_refused_before_training(tmp_path, monkeypatch):
 def test_band_from_a_locate_result(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"safety_layers": [6, 12]}))
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "result.json").write_text(json.dumps({"range": [5, 11], "alpha": 1.2}))
-    (tmp_path / "none.json").write_text(json.dumps({"alpha": 1.2}))
+    (tmp_path / "run" / "result.json").write_text(json.dumps({"safety_layers": [5, 11], "alpha": 1.2}))
+    (tmp_path / "none.json").write_text(json.dumps({"alpha": 1.2, "range": [5, 11]}))
     assert read_band(tmp_path / "a.json") == LayerRange(6, 12)
     assert read_band(tmp_path / "run") == LayerRange(5, 11)
-    with pytest.raises(SafetyLayersError, match="no 'safety_layers' or 'range'"):
+    with pytest.raises(SafetyLayersError, match="no 'safety_layers' entry"):
         read_band(tmp_path / "none.json")
     lm = tiny_model("llama", layers=4)
-    (tmp_path / "b.json").write_text(json.dumps({"range": [1, 2]}))
+    (tmp_path / "b.json").write_text(json.dumps({"safety_layers": [1, 2]}))
     cfg = _cfg(tmp_path, locate=str(tmp_path / "b.json"))
     band = resolve_band(cfg, lm.num_layers)
     _, plan, frozen = apply_method(lm, cfg, band)

@@ -270,7 +270,7 @@ def self_distill(lm: LoadedModel, prompts: list[str], tokens: int, template: str
     train on. Still refused: None. Returns (examples, dropped, reopened).
     """
     from ..engine.generation import GenerationSettings, generate
-    from ..judges.refusal import get_judge
+    from ..judges import get_judge
 
     judge = get_judge("keyword")
     settings = GenerationSettings(max_new_tokens=tokens)

@@ -24,18 +24,17 @@ from .export import export_peft_config
 
 def read_band(path: str | Path) -> LayerRange:
     """The band of a locate result: a JSON file (or run folder holding result.json) with
-    ``"safety_layers": [start, end]`` or ``"range": [start, end]``."""
+    ``"safety_layers": [start, end]``, as :class:`~safety_layers.locate.LocateResult` writes it."""
     from ..core.runs import read_json
 
     p = Path(path)
     if p.is_dir():
         p = p / "result.json"
     data = read_json(p, "locate result")
-    for key in ("safety_layers", "range"):
-        if data.get(key) is not None:
-            return LayerRange.parse(data[key])
-    raise SafetyLayersError(f"{p} has no 'safety_layers' or 'range' entry (found: {', '.join(data)}): "
-                            "pass --layers START-END instead")
+    if data.get("safety_layers") is not None:
+        return LayerRange.parse(data["safety_layers"])
+    raise SafetyLayersError(f"{p} has no 'safety_layers' entry (found: {', '.join(data) or 'nothing'}): pass a "
+                            "locate result, or --layers START-END instead")
 
 
 def resolve_band(cfg: FinetuneConfig, num_layers: int | None = None) -> LayerRange | None:
