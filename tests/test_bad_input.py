@@ -457,8 +457,8 @@ def test_every_typed_field_is_checked():
                 try:
                     build()
                 except Exception as e:  # noqa: BLE001 - a TypeError from a comparison is what this catches
-                    if isinstance(e, SafetyLayersError) and str(e).startswith(f"{where}: {f.name} must be ") \
-                            and repr(bad) in str(e):
+                    if isinstance(e, SafetyLayersError) and repr(bad) in str(e) and str(e).startswith(
+                            (f"{where}: {f.name} must be ", f"{where}: unknown {f.name} ")):
                         checked += 1
                         continue
                 missed.append(f"{where} {cls.__name__}.{f.name}")
@@ -479,7 +479,7 @@ class _Settings:
 def test_python_users_get_the_same_checks():
     with pytest.raises(SafetyLayersError, match=r"^_Settings: steps must be an integer, got 'ten' \(e\.g\. steps: 10\)$"):
         _Settings(steps="ten")
-    with pytest.raises(SafetyLayersError, match="mode must be one of 'a', 'b'"):
+    with pytest.raises(SafetyLayersError, match="unknown mode 'c': choose one of 'a', 'b'"):
         _Settings(mode="c")
     s = _Settings(steps=4.0, lr="1e-5", names="x, y")     # lossless: YAML reads 1e-5 as text
     assert (s.steps, s.lr, s.names) == (4, 1e-5, ["x", "y"]) and _Settings().lr == 1e-4
@@ -523,3 +523,73 @@ def test_a_tiny_prompt_set_bootstraps_without_a_traceback(inside, capsys, tmp_pa
     out = tmp_path / "run"
     assert main(["analyze", *TINY, "--limit", "3", "--out", str(out)]) == 0, capsys.readouterr().err
     assert json.loads((out / "result.json").read_text())["bootstrap"]["samples"] == 200
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_align_training_killed_midway_resumes_from_its_checkpoint(tmp_path, method):
+    """Killed after step 4 of 9 and rerun: training continues from the step-4 checkpoint (not
+    from step 0) and ends with the weights and losses of an uninterrupted run."""
+    from transformers import TrainerCallback
+
+    from safety_layers.align.config import SFTSettings
+    from safety_layers.align.data import Example
+    from safety_layers.align.train import train_sft
+
+    examples = [Example(f"Question {i}?", "Sorry, I can't help with that." if i % 2 else f"Answer {i} is fine.",
+                        "refusal" if i % 2 else "benign") for i in range(12)]
+    s = SFTSettings(method=method, lr=3e-3 if method == "full" else 3e-2, epochs=3, batch_size=4, lora_r=2,
+                    checkpoint_seconds=0)
+
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise KeyboardInterrupt
+
+    whole = tiny_model()
+    reference = train_sft(whole, examples, s, progress=False)
+    lm = tiny_model()
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(lm, examples, s, progress=False, checkpoints=tmp_path / "work", callbacks=[Kill()])
+    assert [p.name for p in (tmp_path / "work").glob("checkpoint-*")] == ["checkpoint-4"]
+    lm = tiny_model()
+    stats = train_sft(lm, examples, s, progress=False, checkpoints=tmp_path / "work")
+    assert stats.resumed_from_step == 4 and stats.steps == reference.steps == 9
+    assert stats.losses == pytest.approx(reference.losses, rel=1e-5)
+    got, want = lm.model.state_dict(), whole.model.state_dict()
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+    other = dataclasses.replace(s, lr=s.lr / 2)               # other settings never continue this run
+    assert train_sft(tiny_model(), examples, other, progress=False,
+                     checkpoints=tmp_path / "work").resumed_from_step is None
+
+
+def test_align_interrupted_then_rerun_continues(inside, capsys, monkeypatch, tmp_path):
+    """Ctrl-C during align's training leaves no model but a checkpoint in <out>.work; the same
+    command continues from it and removes the work folder once the model is written."""
+    from transformers import TrainerCallback
+
+    import safety_layers.align.run as align_run
+
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    real, calls = align_run.train_sft, []
+
+    def killed_once(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs, callbacks=[Kill()] if len(calls) == 1 else None)
+
+    monkeypatch.setattr(align_run, "train_sft", killed_once)
+    small = tmp_path / "small.yaml"
+    small.write_text("n_malicious: 8\nn_benign: 8\nanswer_tokens: 4\nepochs: 1\nbatch_size: 4\nevaluate: false\n"
+                     "checkpoint_minutes: 0.00001\nprogress: false\n")         # about every step
+    out = tmp_path / "aligned"
+    argv = ["align", *TINY, "--config", str(small), "--out", str(out)]
+    assert main(argv) == 130
+    assert "rerun the same command to continue" in capsys.readouterr().err
+    assert not out.exists() and (tmp_path / "aligned.work" / "checkpoint-2").is_dir()
+    assert main(argv) == 0, capsys.readouterr().err
+    manifest = json.loads((out / "align_manifest.json").read_text())
+    assert manifest["train"]["resumed_from_step"] == 2 and manifest["train"]["steps"] > 2
+    assert not (tmp_path / "aligned.work").exists()

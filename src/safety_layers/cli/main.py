@@ -102,6 +102,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "benign ones; then measure refusal on held-out prompts and save the model with a manifest. "
             "The research knobs of the recipe live in YAML (--config) and the Python API.",
             commands.run_align, "safety_layers.align:AlignConfig",
+            interrupted="no model was written; the self-distilled answers are cached and training checkpoints "
+                        "(every checkpoint_minutes, 5 by default) stay in <out>.work: rerun the same command "
+                        "to continue from the last checkpoint",
             epilog="examples:\n  safety-layers align --out aligned-smollm2\n"
                    "  safety-layers align --method lora --out aligned-lora\n"),
     Command("finetune", "fine-tune with the safety layers frozen (SPPFT) or a baseline method",

@@ -240,12 +240,23 @@ def _yamlish(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check_value(where: str, f: dataclasses.Field, value, tp):
+def _members(tp) -> list:
+    return [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
+
+
+def check_value(where: str, f: dataclasses.Field, value, tp, *, objects: bool = False):
     """``value`` fitted to the field's annotation, or one line naming the key, the value, the
-    expected type and an example (the field's default)."""
+    expected type and an example (the field's default). ``objects``: a text field also takes
+    what Python callers pass beyond text (a list of prompts, a Path), though never a number."""
     try:
         return fit(value, tp)
     except _Mismatch:
+        if objects and str in _members(tp) and not isinstance(value, (bool, int, float, type(None))):
+            return value
+        members = _members(tp)
+        if members and all(typing.get_origin(m) is typing.Literal for m in members):
+            choices = ", ".join(repr(c) for m in members for c in typing.get_args(m))
+            raise SafetyLayersError(f"{where}: unknown {f.name} {_yamlish(value)}: choose one of {choices}") from None
         example = f.metadata.get("default", f.default)
         hint = (f" (e.g. {f.name}: {_yamlish(example)})"
                 if example is not None and example is not dataclasses.MISSING and not isinstance(example, dict) else "")
@@ -274,7 +285,7 @@ def check_fields(cfg) -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if f.init and f.name in hints and not _is_default(f, value):
-            fitted = check_value(type(cfg).__name__, f, value, hints[f.name])
+            fitted = check_value(type(cfg).__name__, f, value, hints[f.name], objects=True)
             if fitted is not value:
                 object.__setattr__(cfg, f.name, fitted)
 
