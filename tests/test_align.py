@@ -694,7 +694,7 @@ def test_explicit_settings_win_over_a_recipe_and_bad_recipes_are_one_line_errors
     cfg = AlignConfig(recipe=str(mine), training_args={"seed": 5})
     assert (cfg.lr, cfg.epochs, cfg.training_args) == (2e-4, 1.0, {"bf16": True, "seed": 5})
     for text, match in (("lrr: 0.1\n", "did you mean 'lr'"), ("out: here\n", "unknown key 'out'"),
-                        ("reopen: maybe\n", "reopen must be a bool")):
+                        ("reopen: maybe\n", "reopen must be true or false")):
         mine.write_text(text)
         with pytest.raises(SafetyLayersError, match=match) as e:
             AlignConfig(recipe=str(mine))

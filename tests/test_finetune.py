@@ -222,7 +222,7 @@ def test_bad_data_and_outputs(tmp_path):
         prepare(_cfg(tmp_path, data=bad, layers="1-2"), args, model=lm)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(SafetyLayersError, match="no rows"):
+    with pytest.raises(SafetyLayersError, match="empty.jsonl is empty"):
         prepare(_cfg(tmp_path, data=empty, layers="1-2"), args, model=lm)
     (tmp_path / "final").mkdir()
     with pytest.raises(SafetyLayersError, match="--overwrite"):

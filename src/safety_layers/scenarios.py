@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from .core.config import from_mapping
+from .core.config import from_mapping, settle
 from .core.data import Records, read_records, sha256_file
 from .core.errors import SafetyLayersError
 from .core.registry import Registry
@@ -76,6 +76,7 @@ class ScenarioConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output file"})
 
     def __post_init__(self):
+        settle(self)                              # the type checks every config gets
         if self.n is not None and self.n < 1:
             raise SafetyLayersError(f"--n must be at least 1, got {self.n}")
         if self.trigger_position not in ("suffix", "prefix"):
@@ -223,7 +224,7 @@ def build_scenario(name: str | ScenarioConfig, source: str | Path | None = None,
     The JSONL and its manifest are each written atomically.
     """
     from .core import __version__
-    from .core.runs import atomic_write, write_json
+    from .core.runs import atomic_write, check_out_file, write_json
 
     if isinstance(name, ScenarioConfig):
         cfg = name
@@ -235,9 +236,8 @@ def build_scenario(name: str | ScenarioConfig, source: str | Path | None = None,
         raise SafetyLayersError("no source file: pass the benign instruction file (JSON, JSONL or CSV)")
     if not cfg.out:
         raise SafetyLayersError("no output file: pass --out FILE.jsonl")
-    out_path = Path(cfg.out)
-    if out_path.exists() and not cfg.overwrite:
-        raise SafetyLayersError(f"{out_path} exists: choose another --out or pass --overwrite")
+    out_path = check_out_file(cfg.out, overwrite=cfg.overwrite)
+    check_out_file(manifest_path(out_path), overwrite=True)
     recs = read_records(cfg.source, dedupe=True)
     if not recs.rows:
         raise SafetyLayersError(f"{cfg.source} has no usable rows after dropping {recs.dropped_empty} blank and "

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from ..core.config import check_keys, load_yaml, settle
+from ..core.config import check_keys, check_types, load_yaml, settle
 from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
 
@@ -22,7 +22,7 @@ Method = Literal["full", "lora"]
 #: Recipes shipped with the package: name -> file under ``safety_layers/recipes``.
 RECIPES = {"demo": "demo.yaml"}
 #: Fields that say where and how a run goes, not what it trains: a recipe may not set them.
-RUN_FIELDS = ("recipe", "out", "overwrite", "progress")
+RUN_FIELDS = ("recipe", "out", "overwrite", "progress", "checkpoint_minutes")
 
 
 def _opt(default, help: str, cli: bool = False):
@@ -90,6 +90,9 @@ class AlignConfig:
         "help": "TrainingArguments overrides for the SFT Trainer (e.g. deepspeed, bf16, gradient_checkpointing)",
         "cli": False})
     progress: bool = field(default=True, metadata={"help": "show progress bars", "cli": False})
+    checkpoint_minutes: float = field(default=5.0, metadata={
+        "help": "training minutes between checkpoints in <out>.work, from which a rerun of an interrupted run "
+                "continues (0: none); the folder goes once the model is written", "cli": False})
 
     def __post_init__(self):
         if self.recipe is not None:
@@ -102,11 +105,11 @@ class AlignConfig:
         values = load_yaml(recipe_path(recipe))
         allowed = [f.name for f in dataclasses.fields(self) if f.init and f.name not in RUN_FIELDS]
         check_keys(f"recipe {recipe}", values, allowed)
-        for name, value in values.items():
+        for name, value in check_types(type(self), values, f"recipe {recipe}").items():
             if name == "training_args":
                 self.training_args = {**(value or {}), **self.training_args}
             elif getattr(self, name) is None:
-                setattr(self, name, _coerce(self, name, value, recipe))
+                setattr(self, name, value)
 
     def _check(self) -> None:
         if self.method not in ("full", "lora"):
@@ -128,6 +131,8 @@ class AlignConfig:
             raise SafetyLayersError(f"recovery_fraction must be in [0, 1], got {self.recovery_fraction}")
         if self.frozen_layers is not None:
             LayerRange.parse(self.frozen_layers)  # a malformed range fails now, not after distilling
+        if self.checkpoint_minutes < 0:
+            raise SafetyLayersError(f"checkpoint_minutes must be >= 0 (0: no checkpoints), got {self.checkpoint_minutes}")
         for name in ("n_malicious", "n_benign"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SafetyLayersError(f"{name} must be >= 1 or None (all), got {getattr(self, name)}")
@@ -139,7 +144,7 @@ class AlignConfig:
                            prefix_cache=self.prefix_cache, kind_weights={"benign": self.benign_weight},
                            opening_tokens=self.opening_tokens, opening_weight=self.opening_weight,
                            unlikelihood_weight=self.unlikelihood_weight, frozen_layers=self.frozen_layers,
-                           training_args=dict(self.training_args))
+                           training_args=dict(self.training_args), checkpoint_seconds=60 * self.checkpoint_minutes)
 
 
 def recipe_path(recipe: str) -> Path:
@@ -150,19 +155,6 @@ def recipe_path(recipe: str) -> Path:
     if not path.is_file() and path.suffix not in (".yaml", ".yml"):
         raise SafetyLayersError(f"unknown recipe {recipe!r}: give a YAML file or one of {', '.join(RECIPES)}")
     return path
-
-
-def _coerce(cfg: AlignConfig, name: str, value, recipe: str):
-    """A recipe value as the field's type: YAML reads ``1e-4`` as text and ``2`` as an int."""
-    default = next(f for f in dataclasses.fields(cfg) if f.name == name).metadata.get("default")
-    if value is None or default is None or isinstance(value, type(default)):
-        return value
-    try:
-        if isinstance(default, float) and not isinstance(value, bool):
-            return float(value)
-    except ValueError:
-        pass
-    raise SafetyLayersError(f"recipe {recipe}: {name} must be a {type(default).__name__}, got {value!r}")
 
 
 @dataclass
@@ -188,3 +180,4 @@ class SFTSettings:
     lora_alpha: int = 32
     seed: int = 0
     training_args: dict = field(default_factory=dict)  # TrainingArguments overrides (distributed, precision...)
+    checkpoint_seconds: float = 300.0  # with a checkpoint folder: training time between checkpoints (0: every step)

@@ -5,17 +5,19 @@ layers to find. :func:`align` teaches a model to refuse with data we wrote (:mod
 trains it on the Hugging Face Trainer (:mod:`.train`, with the loss of :mod:`.loss`),
 measures how often it refuses held-out malicious and benign prompts, and writes the model
 once, atomically, with its ``align_manifest.json`` (recipe, data counts, seed, refusal
-rates). An interrupted run leaves no model folder; rerunning restarts training and reuses
-the self-distilled answers, which the generation cache keeps on disk.
+rates). An interrupted run leaves no model folder, but training checkpoints in a work folder
+beside it (``<out>.work``, every ``checkpoint_minutes``): rerunning the same command reuses the
+self-distilled answers, which the generation cache keeps on disk, and continues training from
+the last checkpoint. The work folder goes once the model is written.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
 from ..core.models import LoadedModel, load_or_use
 from ..core.prompts import resolve_template
@@ -86,6 +88,12 @@ def _default_out(model: str) -> Path:
     return Path(f"aligned-{slug(model)}")
 
 
+def work_folder(out: Path) -> Path:
+    """Where an alignment run keeps its training checkpoints until the model is written: beside
+    the output, so a rerun of the same command finds them."""
+    return out.parent / f"{out.name}.work"
+
+
 def _save_with_manifest(lm: LoadedModel, out: Path, manifest: dict, overwrite: bool) -> Path:
     """Model, tokenizer and manifest appear together, or not at all (:func:`core.runs.atomic_dir`)."""
     from ..core.models import save_model
@@ -112,13 +120,11 @@ def align(cfg: AlignConfig | None = None, *, model=None, manifest: dict | None =
     Returns an :class:`AlignResult`; the same facts, plus the environment and any extra
     ``manifest`` fields, go into ``<out>/align_manifest.json``.
     """
-    from ..core.runs import environment
+    from ..core.runs import check_out_dir, environment
 
     cfg = cfg or AlignConfig()
     t0 = time.perf_counter()
-    out = Path(cfg.out) if cfg.out else _default_out(cfg.model)
-    if out.exists() and not cfg.overwrite:
-        raise SafetyLayersError(f"{out} exists: choose another output folder or pass --overwrite")
+    out = check_out_dir(Path(cfg.out) if cfg.out else _default_out(cfg.model), overwrite=cfg.overwrite, whole=True)
     lm = load_or_use(model if model is not None else cfg.model)
     if cfg.frozen_layers is not None:  # before minutes of distilling, not after
         LayerRange.parse(cfg.frozen_layers).check(len(lm.blocks.layers))
@@ -132,7 +138,8 @@ def align(cfg: AlignConfig | None = None, *, model=None, manifest: dict | None =
     t = time.perf_counter()
     data = build_data(cfg, lm)
     t_data = time.perf_counter() - t
-    stats = train_sft(lm, data.train, cfg.sft(), template=template, progress=cfg.progress)
+    stats = train_sft(lm, data.train, cfg.sft(), template=template, progress=cfg.progress,
+                      checkpoints=work_folder(out) if cfg.checkpoint_minutes else None)
     t = time.perf_counter()
     refusal = _heldout_refusal(cfg, lm, data, template)
     seconds = {"data_and_distill": round(t_data, 1), "train": round(stats.seconds, 1),
@@ -146,6 +153,7 @@ def align(cfg: AlignConfig | None = None, *, model=None, manifest: dict | None =
     record = {"kind": "safety-layers aligned model", **asdict(result), "environment": environment(),
               **(manifest or {})}
     _save_with_manifest(lm, out, record, cfg.overwrite)
+    shutil.rmtree(work_folder(out), ignore_errors=True)
     result.seconds["save"] = round(time.perf_counter() - t, 1)
     result.seconds["total"] = round(time.perf_counter() - t0, 1)
     return result

@@ -17,17 +17,23 @@ those keys and values.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import json
 import math
+import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
 from ..core.models import LoadedModel, find_blocks
+from ..core.runs import read_json, write_json
 from ..finetune.data import IGNORE_INDEX, Encoded, PadCollator
 from .config import SFTSettings
 from .data import Example, avoid_row, encode_example
@@ -46,6 +52,7 @@ class TrainStats:
     trainable_parameters: int
     total_parameters: int
     losses: list[float] = field(default_factory=list)   # every batch's loss, in training order
+    resumed_from_step: int | None = None                 # the checkpoint a rerun continued from
 
 
 # --------------------------------------------------------------------------- the batch plan and schedule
@@ -154,16 +161,77 @@ def sft_trainer_class():
     return SFTTrainer
 
 
-def sft_arguments(s: SFTSettings, output_dir: str, progress: bool):
-    """TrainingArguments of an SFT run: the settings' optimiser values, no checkpoints, no logs,
-    then ``s.training_args`` on top."""
+def sft_arguments(s: SFTSettings, output_dir: str, progress: bool, keep: int | None = None):
+    """TrainingArguments of an SFT run: the settings' optimiser values, no logs, no checkpoints
+    but those a callback asks for (``keep``: how many stay), then ``s.training_args`` on top."""
     from ..finetune.config import default_training_args
 
     base = dict(per_device_train_batch_size=s.batch_size, num_train_epochs=1, max_steps=-1, learning_rate=s.lr,
                 weight_decay=s.weight_decay, max_grad_norm=s.grad_clip, seed=s.seed, save_strategy="no",
                 logging_strategy="no", disable_tqdm=not progress, remove_unused_columns=False,
-                dataloader_pin_memory=torch.cuda.is_available(), save_total_limit=None)
+                dataloader_pin_memory=torch.cuda.is_available(), save_total_limit=keep)
     return default_training_args(output_dir, **{**base, **s.training_args})
+
+
+# --------------------------------------------------------------------------- checkpoints and resuming
+
+SETUP, STATS = "setup.json", "sft_stats.json"
+
+
+@functools.lru_cache(maxsize=1)
+def checkpoint_clock_class():
+    """A callback asking the Trainer for a checkpoint every ``seconds`` of training (0: every
+    step, and always at the last), writing into it the batch losses and token counts that
+    :class:`TrainStats` reports, so a resumed run reports the whole run."""
+    from transformers import TrainerCallback
+
+    class CheckpointClock(TrainerCallback):
+        def __init__(self, seconds: float):
+            self.seconds, self.last, self.trainer = seconds, time.monotonic(), None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps or time.monotonic() - self.last >= self.seconds:
+                control.should_save = True           # the Trainer saves right after this step's callbacks
+                t = self.trainer                     # first, so no checkpoint exists without its statistics
+                if state.is_world_process_zero and t is not None:
+                    write_json(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATS,
+                               {"losses": t.batch_losses, "tokens": t.tokens, "trained_tokens": t.trained_tokens})
+
+        def on_save(self, args, state, control, **kwargs):
+            self.last = time.monotonic()
+
+    return CheckpointClock
+
+
+def _setup_digest(lm: LoadedModel, rows: list[Encoded], s: SFTSettings, template: str) -> str:
+    """What the checkpoints of a run depend on: the base model, the token ids and weights of
+    every example, the settings and the template."""
+    h = hashlib.sha256(json.dumps({"model": lm.fingerprint(), "template": template,
+                                   "settings": {k: v for k, v in asdict(s).items() if k != "checkpoint_seconds"}},
+                                  sort_keys=True, default=str).encode())
+    for e in rows:
+        h.update(json.dumps([e.input_ids, e.labels, e.weight, [(x.input_ids, x.labels) for x in e.extra]]).encode())
+    return h.hexdigest()[:16]
+
+
+def resume_point(work: Path, setup: str) -> Path | None:
+    """The last checkpoint in the work folder ``work`` if it was written for ``setup``; a work
+    folder of other settings or data is cleared, so a rerun never continues a different run."""
+    from ..finetune.trainer import checkpoints
+
+    old = read_json(work / SETUP, "checkpoint setup") if (work / SETUP).is_file() else {}
+    if old.get("setup") != setup:
+        shutil.rmtree(work, ignore_errors=True)
+    ckpts = [c for c in checkpoints(work) if (c / "trainer_state.json").is_file()]
+    write_json(work / SETUP, {"setup": setup})
+    return ckpts[-1] if ckpts else None
+
+
+def _restore_stats(trainer, checkpoint: Path | None) -> None:
+    if checkpoint is not None and (checkpoint / STATS).is_file():
+        saved = read_json(checkpoint / STATS, "training statistics")
+        trainer.batch_losses = list(saved["losses"])
+        trainer.tokens, trainer.trained_tokens = saved["tokens"], saved["trained_tokens"]
 
 
 # --------------------------------------------------------------------------- training
@@ -205,12 +273,16 @@ def _trainable(lm: LoadedModel, s: SFTSettings):
 
 
 def train_sft(lm: LoadedModel, examples: list[Example], settings: SFTSettings | None = None, *,
-              template: str = "chat", progress: bool = True, callbacks=None) -> TrainStats:
+              template: str = "chat", progress: bool = True, callbacks=None,
+              checkpoints: str | Path | None = None) -> TrainStats:
     """Fine-tune ``lm`` in place on ``examples`` (loss on responses only).
 
     ``callbacks`` are ``transformers.TrainerCallback``s (e.g. one that measures refusal every
     few steps). ``method="lora"`` trains rank-``lora_r`` adapters on every attention and MLP
     matrix and merges them into the weights afterwards, so ``lm.model`` stays a plain model.
+    With ``checkpoints`` (a work folder), a checkpoint is written every
+    ``settings.checkpoint_seconds`` of training and at the end, and a rerun with the same
+    model, examples and settings continues from the last one: same batches, same result.
     Reproducible for a given seed, thread count and machine.
     """
     from ..finetune.callbacks import freeze_check_class
@@ -228,12 +300,22 @@ def train_sft(lm: LoadedModel, examples: list[Example], settings: SFTSettings | 
                            opening=(s.opening_tokens, s.opening_weight))
     use_cache = getattr(lm.model.config, "use_cache", None)
     callbacks = ([freeze_check_class()(frozen, verbose=False)] if frozen else []) + list(callbacks or [])
+    resume, clock = None, None
+    if checkpoints is not None:
+        resume = resume_point(Path(checkpoints), _setup_digest(lm, rows, s, template))
+        clock = checkpoint_clock_class()(s.checkpoint_seconds)
+        callbacks.append(clock)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="safety-layers-sft-") as run_dir:
-        trainer = sft_trainer_class()(model=model, args=sft_arguments(s, run_dir, progress), train_dataset=rows,
-                                      data_collator=collator, callbacks=callbacks, plan=plan, settings=s, prefix=prefix)
+    with (contextlib.nullcontext(str(checkpoints)) if checkpoints is not None
+          else tempfile.TemporaryDirectory(prefix="safety-layers-sft-")) as run_dir:
+        args = sft_arguments(s, run_dir, progress, keep=1 if checkpoints is not None else None)
+        trainer = sft_trainer_class()(model=model, args=args, train_dataset=rows, data_collator=collator,
+                                      callbacks=callbacks, plan=plan, settings=s, prefix=prefix)
+        if clock is not None:
+            clock.trainer = trainer
+        _restore_stats(trainer, resume)
         lm.model.config.use_cache = use_cache   # the Trainer turns it off; the saved model keeps its own
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     if s.method == "lora":
         lm.model = model.merge_and_unload()
         lm.blocks = find_blocks(lm.model)
@@ -246,7 +328,7 @@ def train_sft(lm: LoadedModel, examples: list[Example], settings: SFTSettings | 
     return TrainStats(steps=trainer.state.global_step, examples=len(rows), tokens=trainer.tokens,
                       trained_tokens=trainer.trained_tokens, dropped_too_long=dropped, epoch_losses=epoch_losses,
                       seconds=time.perf_counter() - t0, trainable_parameters=n_train, total_parameters=n_total,
-                      losses=losses)
+                      losses=losses, resumed_from_step=int(resume.name.split("-")[1]) if resume is not None else None)
 
 
 @torch.no_grad()

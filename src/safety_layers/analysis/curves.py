@@ -167,9 +167,12 @@ def initial_range(gap, lo: float = 0.2, hi: float = 0.8, min_rise: float = 0.5) 
     """The band where the gap rises out of early-layer noise to where it levels off.
 
     Returns ``[start, end]`` (0-based, inclusive) or None when the curve never rises by
-    ``min_rise`` degrees, i.e. there is no gap to speak of.
+    ``min_rise`` degrees, i.e. there is no gap to speak of, or is undefined somewhere (a
+    bootstrap resample of a tiny set that drew one prompt only has no pairs to compare).
     """
     g = _smooth(np.asarray(gap, dtype=np.float64))
+    if not np.isfinite(g).all():
+        return None
     peak = int(np.argmax(g))
     base_idx = int(np.argmin(g[: peak + 1]))
     base, rise = g[base_idx], g[peak] - g[base_idx]

@@ -17,7 +17,7 @@ import types
 import typing
 from pathlib import Path
 
-from ..core.config import cli_fields, from_mapping, load_yaml
+from ..core.config import check_types, cli_fields, from_mapping, load_yaml
 
 CONFIG_HELP = "YAML file of settings (any field of the config, also those without a flag); flags override it"
 
@@ -121,9 +121,12 @@ def yaml_values(args: argparse.Namespace) -> dict:
 def build_config(cls, args: argparse.Namespace, yaml: dict | None = None):
     """``cls`` from its defaults, then the ``--config`` YAML, then the flags given.
 
-    Unknown YAML keys fail with a close match and the allowed names (core.config.from_mapping).
+    Unknown YAML keys fail with a close match and the allowed names, and values of the wrong
+    type name the file, the key and the expected type (core.config.from_mapping).
     """
     values = yaml_values(args) if yaml is None else dict(yaml)
-    values.update(given(cls, args))
-    where = str(Path(args.config)) if getattr(args, "config", None) else "the command line"
-    return from_mapping(cls, values, where)
+    path = getattr(args, "config", None)
+    if path:
+        values = check_types(cls, values, str(Path(path)))
+    values.update(check_types(cls, given(cls, args), "the command line"))
+    return from_mapping(cls, values, str(Path(path)) if path else "the command line")

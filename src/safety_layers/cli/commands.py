@@ -14,6 +14,7 @@ import io
 from pathlib import Path
 
 from ..core.errors import SafetyLayersError
+from .checks import check_inputs
 
 
 def is_main_process() -> bool:
@@ -97,11 +98,12 @@ def _print_analysis(result, run_dir: Path | None) -> None:
 
 def run_analyze(cfg) -> int:
     from ..analysis import analyze
-    from ..core.runs import new_run_dir
+    from ..core.runs import run_folder
 
     library_bars(cfg.progress)
-    run_dir = new_run_dir("analyze", cfg.model, cfg.out, cfg.overwrite)
-    result = analyze(cfg, run_dir=run_dir)
+    check_inputs(cfg, prompts=("normal", "malicious"), models=("model", "reference_model"))
+    with run_folder("analyze", cfg.model, cfg.out, overwrite=cfg.overwrite) as run_dir:
+        result = analyze(cfg, run_dir=run_dir)
     _print_analysis(result, run_dir)
     return 0
 
@@ -109,14 +111,16 @@ def run_analyze(cfg) -> int:
 # --------------------------------------------------------------------------- evaluate, locate
 
 def run_evaluate(cfg) -> int:
-    from ..core.runs import new_run_dir
+    from ..core.runs import run_folder
     from ..evaluate import evaluate
     from ..evaluate.run import print_summary
 
     library_bars(cfg.progress)
     main = is_main_process()
-    run_dir = new_run_dir("evaluate", cfg.model, cfg.out, cfg.overwrite) if main else None
-    result = evaluate(cfg, run_dir=run_dir)
+    check_inputs(cfg, prompts=("malicious", "over_rejection"), files=("quality",), models=("model",))
+    with run_folder("evaluate", cfg.model, cfg.out, overwrite=cfg.overwrite) if main else \
+            contextlib.nullcontext() as run_dir:
+        result = evaluate(cfg, run_dir=run_dir)
     if main:
         print_summary(result)
         print(f"results: {run_dir / 'result.json'}; every prompt's completion and verdicts: "
@@ -125,14 +129,20 @@ def run_evaluate(cfg) -> int:
 
 
 def run_locate(cfg) -> int:
-    from ..core.runs import new_run_dir
+    from ..core.runs import run_folder
     from ..locate import locate
     from ..locate.run import print_summary
 
     library_bars(cfg.progress)
     main = is_main_process()
-    run_dir = new_run_dir("locate", cfg.model, cfg.out, cfg.overwrite, resume=True) if main else None
-    result = locate(cfg, run_dir=run_dir)
+    check_inputs(cfg, prompts=("over_rejection", "malicious"), models=("model",))
+    with run_folder("locate", cfg.model, cfg.out, overwrite=cfg.overwrite, resume=True) if main else \
+            contextlib.nullcontext() as run_dir:
+        try:
+            result = locate(cfg, run_dir=run_dir)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"finished trials are kept in {run_dir}; rerun with --out {run_dir} to "
+                                    "continue") from None
     if main:
         print_summary(result, run_dir)
     return 0
@@ -223,8 +233,8 @@ def training_arguments(defaults: dict, argv: list[str]):
 def run_finetune(args: argparse.Namespace) -> int:
     from transformers import TrainingArguments
 
-    from ..core.config import init_fields
-    from ..core.runs import default_run_dir
+    from ..core.config import check_types, init_fields
+    from ..core.runs import default_run_dir, run_folder
     from ..finetune import FinetuneConfig, finetune
     from .args import build_config, yaml_values
 
@@ -233,13 +243,17 @@ def run_finetune(args: argparse.Namespace) -> int:
         return 0
     trainer_names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     ours, theirs = _split_yaml(args.config, yaml_values(args), set(init_fields(FinetuneConfig)), trainer_names)
+    theirs = check_types(TrainingArguments, theirs, str(args.config))
     cfg = build_config(FinetuneConfig, args, ours)
     paper_note(cfg)
     theirs.setdefault("output_dir", str(default_run_dir("finetune", cfg.model, cfg.method)))
     targs = training_arguments(theirs, args.passthrough)
     library_bars(not targs.disable_tqdm)
-    result = finetune(cfg, targs)
-    if is_main_process():
+    main = is_main_process()
+    with run_folder("finetune", cfg.model, targs.output_dir, resume=True, flag="--output-dir") if main else \
+            contextlib.nullcontext():                                       # its checkpoints may be resumed
+        result = finetune(cfg, targs)
+    if main:
         band = f"band {result.band[0]}-{result.band[1]} (0-based, inclusive)" if result.band else "no band"
         loss = f", train loss {result.train_loss:.4f}" if result.train_loss is not None else ""
         print(f"{result.method} on {result.model}, {band}: {result.samples} examples, "
@@ -263,13 +277,14 @@ def experiment_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_experiment(args: argparse.Namespace) -> int:
+    from ..core.runs import run_folder
     from ..experiment import ExperimentConfig, run_experiment as run
 
     library_bars(args.progress)
     cfg = ExperimentConfig.from_yaml(args.config, args.name)
     paper_note(cfg)
-    result = run(cfg, args.out, progress=args.progress)
-    folder = Path(result.run_dir)
+    with run_folder("experiment", cfg.name or cfg.model, args.out, resume=True) as folder:   # a rerun resumes
+        run(cfg, folder, progress=args.progress)
     if args.report:
         from ..report import write_report
 
@@ -281,6 +296,8 @@ def run_experiment(args: argparse.Namespace) -> int:
 def run_report(cfg) -> int:
     from ..report import report
 
+    if Path(cfg.run).is_file():
+        raise SafetyLayersError(f"{cfg.run} is a file: give the run folder that holds it (e.g. {Path(cfg.run).parent})")
     result = report(cfg)
     print(f"report: {result.html} ({len(result.sections)} sections, {result.images} figures); "
           f"summary: {result.markdown}")
@@ -288,9 +305,11 @@ def run_report(cfg) -> int:
 
 
 def run_demo(cfg) -> int:
+    from ..core.runs import run_folder
     from ..recipes.demo import run_demo as run
 
     library_bars(cfg.progress)
-    folder = run(cfg)
+    with run_folder("demo", cfg.model, cfg.out, resume=True):             # a rerun reuses what it holds
+        folder = run(cfg)
     print(f"demo finished: open {Path(folder) / 'report.html'}")
     return 0

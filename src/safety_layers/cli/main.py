@@ -11,7 +11,9 @@ exit 2. A config module is imported only when its command's flags are needed, so
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 import textwrap
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from ..core.errors import SafetyLayersError
 from . import commands
 from .args import add_config_args, build_config
+from .checks import os_error_line
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,8 @@ class Command:
     parsed arguments when ``config`` is None or ``raw`` (a command that builds its own,
     like finetune with the Trainer's flags, which arrive in ``args.passthrough``).
     ``positional`` names config fields given without a flag; ``yaml`` adds ``--config``;
-    ``extra`` adds arguments that are not config fields.
+    ``extra`` adds arguments that are not config fields; ``interrupted`` is what Ctrl-C
+    leaves behind and what a rerun does.
     """
 
     name: str
@@ -44,6 +48,7 @@ class Command:
     raw: bool = False
     passthrough: bool = False
     extra: Callable | None = None
+    interrupted: str = "finished work is kept; rerun the same command to continue"
 
     def config_class(self):
         module, _, attr = self.config.partition(":")
@@ -79,6 +84,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "Per layer: N-N, M-M, N-M cosine similarity of last-token hidden states, the angle gap, "
             "a linear probe and an initial safety-layer range (0-based, inclusive).",
             commands.run_analyze, "safety_layers.analysis:AnalyzeConfig",
+            interrupted="nothing was written (the analysis writes its folder when it ends); rerun to start again",
             epilog="examples:\n  safety-layers analyze\n"
                    "  safety-layers analyze --malicious advbench:harmful_behaviors.csv --limit 100 --paper\n"),
     Command("evaluate", "harmful rate, over-refusal, LLM harm score and task quality of one model",
@@ -86,6 +92,8 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "rates with 95% Wilson intervals and the agreement between judges. Completions go to "
             "samples.jsonl in the run folder, never to the console.",
             commands.run_evaluate, "safety_layers.evaluate:EvaluateConfig",
+            interrupted="completions generated so far are in the generation cache; rerun the same command to "
+                        "reuse them",
             epilog="examples:\n  safety-layers evaluate --limit 100\n"
                    "  safety-layers evaluate --model runs/ft/model --malicious advbench:harmful_behaviors.csv "
                    "--judges keyword,proxy\n"),
@@ -94,6 +102,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "benign ones; then measure refusal on held-out prompts and save the model with a manifest. "
             "The research knobs of the recipe live in YAML (--config) and the Python API.",
             commands.run_align, "safety_layers.align:AlignConfig",
+            interrupted="no model was written; the self-distilled answers are cached and training checkpoints "
+                        "(every checkpoint_minutes, 5 by default) stay in <out>.work: rerun the same command "
+                        "to continue from the last checkpoint",
             epilog="examples:\n  safety-layers align --out aligned-smollm2\n"
                    "  safety-layers align --method lora --out aligned-lora\n"),
     Command("finetune", "fine-tune with the safety layers frozen (SPPFT) or a baseline method",
@@ -106,7 +117,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "Write a JSONL training set for `safety-layers finetune` from a benign instruction file, plus a "
             "manifest of what was built from what. The same files and options give the same set; the "
             "prefix and the backdoor trigger are set in YAML (--config).",
-            commands.run_scenario, "safety_layers.scenarios:ScenarioConfig",
+            commands.run_scenario, "safety_layers.scenarios:ScenarioConfig", interrupted="nothing was written",
             epilog="examples:\n  safety-layers scenario --scenario implicit --source alpaca.json --n 1000 "
                    "--out implicit.jsonl\n"),
     Command("locate", "find the safety-layer band by scaling candidate layers and counting over-rejection",
@@ -114,17 +125,20 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "over-rejection set (first-token proxy screen, generation confirms), sweep the upper then the "
             "lower bound (paper §3.4). Ranges are 0-based and inclusive. An interrupted run resumes.",
             commands.run_locate, "safety_layers.locate:LocateConfig",
+            interrupted="finished trials are kept in the run folder; rerun with the same --out to continue",
             epilog="examples:\n  safety-layers locate\n  safety-layers locate --init 6-12 --alpha 1.15\n"),
     Command("experiment", "the paper's protocol from a YAML config: band, scenarios x methods x seeds, results table",
             "Locate (or take) the band, fine-tune every scenario x method x lr x seed cell, evaluate each, and "
             "write a Table-2-style results table, drift diagnostics and a report. Every cell is saved when it "
             "finishes; rerunning the same command resumes.",
             commands.run_experiment, extra=commands.experiment_args,
+            interrupted="finished cells are kept in the run folder; rerun with the same --out to continue",
             epilog="examples:\n  safety-layers experiment examples/experiment-demo.yaml --out runs/exp\n"
                    "  safety-layers experiment examples/experiment-paper.yaml --name llama-3-8b\n"),
     Command("report", "one self-contained HTML page (and Markdown) from a run folder",
             "Plots embedded, no network needed to view it; counts and rates only, never completions.",
             commands.run_report, "safety_layers.report:ReportConfig", positional=("run",), yaml=False,
+            interrupted="nothing was written",
             epilog="examples:\n  safety-layers report runs/demo\n"),
     Command("demo", "the whole method on the embedded model: align, analyze, locate, attack, SPPFT, evaluate, report",
             "Builds (or reuses) the aligned demo model, compares it with the bare model, locates its safety "
@@ -158,6 +172,7 @@ def make_parser(only: str | None = None) -> argparse.ArgumentParser:
                "  safety-layers finetune --data implicit.jsonl --layers 6-12 --max-steps 100\n",
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"safety-layers {__version__}")
+    parser.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS.values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=textwrap.fill(cmd.description, 100),
@@ -168,8 +183,38 @@ def make_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+ALLOW_PICKLE_HELP = ("load .bin (pickle) weights of a model folder without safetensors; unpickling runs any "
+                     "code the file holds, so only for files you trust (any position on the line)")
+
+
+@contextlib.contextmanager
+def _pickle_switch(on: bool):
+    """``--allow-pickle`` for the length of one command (core.models reads it from the environment)."""
+    from ..core.models import ALLOW_PICKLE_ENV
+
+    before = os.environ.get(ALLOW_PICKLE_ENV)
+    if on:
+        os.environ[ALLOW_PICKLE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if on and before is None:
+            os.environ.pop(ALLOW_PICKLE_ENV, None)
+        elif on:
+            os.environ[ALLOW_PICKLE_ENV] = before
+
+
 def run(argv: list[str]) -> int:
-    """Parse ``argv``, build the command's config, run it; SafetyLayersError propagates."""
+    """Parse ``argv``, build the command's config, run it; SafetyLayersError propagates.
+    ``--allow-pickle`` is a switch of the whole line, accepted before or after the command."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    pickle = "--allow-pickle" in argv[:cut]
+    argv = [a for a in argv[:cut] if a != "--allow-pickle"] + argv[cut:]
+    with _pickle_switch(pickle):
+        return _dispatch(argv)
+
+
+def _dispatch(argv: list[str]) -> int:
     name = next((a for a in argv if not a.startswith("-")), "")
     parser = make_parser(only=name)
     try:
@@ -191,14 +236,23 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console script: problems a user can fix (SafetyLayersError, a write the file system
+    refuses) are one ``error:`` line and status 2; Ctrl-C says what a rerun does."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return run(argv)
     except SafetyLayersError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished work is kept; rerun the same command to continue", file=sys.stderr)
+    except OSError as e:
+        line = os_error_line(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        cmd = COMMANDS.get(next((a for a in argv if not a.startswith("-")), ""))
+        print(f"interrupted: {str(e) or (cmd.interrupted if cmd else 'nothing was written')}", file=sys.stderr)
         return 130
 
 

@@ -50,6 +50,11 @@ class PromptSet:
         return len(self.prompts)
 
     def head(self, n: int | None) -> "PromptSet":
+        """The first ``n`` prompts (all when ``n`` is None); ``n`` below 1 is an error, never
+        a slice from the end."""
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise SafetyLayersError(f"limit must be a whole number of prompts, at least 1; got {n!r}: leave it "
+                                    "unset to use every prompt")
         if n is None or n >= len(self):
             return self
         return PromptSet(f"{self.name}[:{n}]", self.prompts[:n], self.meta[:n], self.source)
@@ -66,27 +71,99 @@ class PromptSet:
 CSV_SUFFIXES, JSON_SUFFIXES, TEXT_SUFFIXES = (".csv", ".tsv"), (".json", ".jsonl", ".ndjson"), (".txt", "")
 
 
-def read_located_rows(path: str | Path) -> list[tuple[str, object]]:
+def read_text(path: str | Path, what: str = "data file") -> str:
+    """The text of a file: UTF-8 (a leading BOM dropped) or UTF-16 with its BOM; anything else
+    is one line naming the first bad byte and its line."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise SafetyLayersError(f"{path} is a folder: give the path of a {what}") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            pass
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise SafetyLayersError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}; saved as "
+                                "Latin-1 or Windows-1252?): save it as UTF-8") from None
+
+
+def _header_like(cell: str) -> bool:
+    """A column name: short, a few words, not a sentence."""
+    return 0 < len(cell) <= 40 and len(cell.split()) <= 4 and not cell.endswith(("?", ".", "!", ":"))
+
+
+def csv_has_header(first: list[str], column: str | None = None) -> bool:
+    """Whether the first row of a CSV names its columns.
+
+    A one-column file of prompts without a header (the paper's over-rejection file) must keep
+    its first prompt: a row holding a known prompt column name, or the ``column`` asked for
+    (unless that is a sentence), is a header; so is a row of several short names; a single
+    cell that is no known name, or any sentence, is data."""
+    cells = [c.replace("\ufeff", "").strip() for c in first]
+    if column is not None and column.strip() in cells:
+        return _header_like(column.strip())
+    if any(c.lower() in PROMPT_COLUMNS for c in cells):
+        return True
+    return len(cells) > 1 and all(_header_like(c) for c in cells)
+
+
+def _one_column(text: str, delimiter: str, name: str) -> list[tuple[str, dict]]:
+    """Rows of a header-less CSV: one prompt per line, whole (commas inside are text, as in
+    the paper's file; a line that is one quoted field loses its quotes)."""
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            fields = next(csv.reader([line], delimiter=delimiter))
+        except (csv.Error, StopIteration):
+            fields = []
+        out.append((f"line {i}", {name: fields[0].strip() if len(fields) == 1 else line.strip()}))
+    return out
+
+
+def _csv_rows(text: str, suffix: str, column: str | None) -> list[tuple[str, dict]]:
+    delimiter = "\t" if suffix == ".tsv" else ","
+    try:
+        first = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), [])
+    except csv.Error:
+        first = []
+    if not csv_has_header(first, column):
+        return _one_column(text, delimiter, column or "text")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    reader.fieldnames = [str(c).replace("\ufeff", "").strip() for c in reader.fieldnames or []]
+    return [(f"line {reader.line_num}", row) for row in reader]   # line_num: quoted newlines count
+
+
+def read_located_rows(path: str | Path, column: str | None = None) -> list[tuple[str, object]]:
     """``(where, row)`` pairs of a CSV/TSV, JSON (a list, or an object holding one list),
     JSONL or text file (one ``{"text": line}`` row per non-blank line).
 
     ``where`` names the row for error messages (``line 3``, ``record 1 (0-based)``). A
-    ``.json`` file that holds one object per line reads as JSONL. The one reader of data
-    files: prompt sets, instruction records and reference answers all come through here.
+    ``.json`` file that holds one object per line reads as JSONL. A CSV without a header row
+    (:func:`csv_has_header`; ``column`` is the column a caller will pick) reads one row per
+    line under that name. The one reader of data files: prompt sets, instruction records
+    and reference answers all come through here.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise SafetyLayersError(f"{path} is a folder: give the path of a data file (.csv, .tsv, .json, .jsonl, .txt)")
     if not path.is_file():
         raise SafetyLayersError(f"data file not found: {path}")
     suffix = path.suffix.lower()
     if suffix not in CSV_SUFFIXES + JSON_SUFFIXES + TEXT_SUFFIXES:
         raise SafetyLayersError(f"{path}: unsupported file type {suffix!r}; use .csv, .tsv, .json, .jsonl or .txt")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise SafetyLayersError(f"{path} is not UTF-8 text: save it as UTF-8") from None
+    text = read_text(path)
+    if not text.strip():
+        raise SafetyLayersError(f"{path} is empty{' (only whitespace)' if text else ''}: it needs one row per "
+                                "prompt or record")
     if suffix in CSV_SUFFIXES:
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
-        return [(f"line {reader.line_num}", row) for row in reader]   # line_num: quoted newlines count
+        return _csv_rows(text, suffix, column)
     if suffix in TEXT_SUFFIXES:
         return [(f"line {i}", {"text": line.strip()}) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     whole = _json_document(path, text)
@@ -99,35 +176,46 @@ def read_located_rows(path: str | Path) -> list[tuple[str, object]]:
         try:
             out.append((f"line {i}", json.loads(line)))
         except json.JSONDecodeError as e:
-            raise SafetyLayersError(f"{path} line {i} is not valid JSON ({e.msg}): expected a JSON list or "
-                                    "one JSON object per line") from None
+            raise SafetyLayersError(f"{path} line {i} is not valid JSON ({e.msg}, column {e.colno}): expected a "
+                                    "JSON list or one JSON object per line") from None
     return out
+
+
+_JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+               bool: "true/false", type(None): "null"}
 
 
 def _json_document(path: Path, text: str) -> list | None:
     """The records of a whole-file JSON document (a list, or an object holding exactly one
-    list), or None when the file is JSON Lines."""
+    list), or None when the file is JSON Lines. A ``.json`` file is one document unless it
+    holds several objects, one per line; its top level must hold the records."""
     stripped = text.lstrip()
-    if not stripped.startswith("[") and not (path.suffix.lower() == ".json" and stripped.startswith("{")):
+    if not stripped.startswith("[") and path.suffix.lower() != ".json":
         return None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if stripped.startswith("{") and e.msg == "Extra data":
             return None                       # one object per line in a .json file
-        raise SafetyLayersError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): fix the file") from None
+        raise SafetyLayersError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): "
+                                "fix the file") from None
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise SafetyLayersError(f"{path}: expected a JSON list of records (or one list inside an object)")
+            raise SafetyLayersError(f"{path}: expected a JSON list of records (or one list inside an object), "
+                                    f"got an object with {len(lists)} lists")
         data = lists[0]
+    if not isinstance(data, list):
+        raise SafetyLayersError(f"{path} holds {_JSON_NAMES.get(type(data), type(data).__name__)} "
+                                f"({str(data)[:40]!r}), not a list of records: write a JSON list, e.g. "
+                                "[\"first prompt\", \"second\"] or [{\"prompt\": ...}]")
     return data
 
 
-def read_rows(path: str | Path) -> tuple[list[dict], list[str]]:
+def read_rows(path: str | Path, column: str | None = None) -> tuple[list[dict], list[str]]:
     """Rows as dicts (a bare value becomes ``{"text": value}``) and the column names, in the
-    order they first appear; see :func:`read_located_rows` for the formats."""
-    rows = [r if isinstance(r, dict) else {"text": str(r)} for _, r in read_located_rows(path)]
+    order they first appear; see :func:`read_located_rows` for the formats and ``column``."""
+    rows = [r if isinstance(r, dict) else {"text": str(r)} for _, r in read_located_rows(path, column)]
     return rows, list(dict.fromkeys(k for r in rows for k in r))
 
 
@@ -137,9 +225,10 @@ def _pick(rows: list[dict], cols: list[str], column: str | None, where: str) -> 
             raise SafetyLayersError(
                 f"{where} has no column {column!r}; columns: {', '.join(cols) or '(none)'}")
         return column
+    lower = {str(c).lower(): c for c in reversed(cols)}
     for c in PROMPT_COLUMNS:
-        if c in cols:
-            return c
+        if c in lower:
+            return lower[c]
     raise SafetyLayersError(
         f"{where}: cannot tell which column holds the prompts; pick one with {where}:COLUMN "
         f"(columns: {', '.join(cols) or '(none)'})")
@@ -170,15 +259,13 @@ def load_file(path: str | Path, column: str | None = None, name: str | None = No
               preset: str | None = None) -> PromptSet:
     """Load prompts from a csv / tsv / json / jsonl / txt file."""
     path = Path(path).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise SafetyLayersError(f"prompt file not found: {path}")
-    if path.stat().st_size == 0:
-        raise SafetyLayersError(f"prompt file is empty: {path}")
-    rows, cols = read_rows(path)
     row_filter = None
     if preset:
         preset_col, row_filter = PRESETS[preset]
         column = column or preset_col
+    rows, cols = read_rows(path, column)
     return _from_rows(name or (f"{preset}" if preset else path.stem), rows, cols, column, str(path), row_filter)
 
 

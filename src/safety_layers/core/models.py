@@ -8,10 +8,13 @@ architecture is one entry here, never an edit in the analysis code.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import os
+import re
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -273,12 +276,14 @@ def load_gguf(path: str | Path, dtype="float32"):
             warnings.filterwarnings("ignore", message=".*gguf.*", category=UserWarning)
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=_dtype(dtype))
-    except (ValueError, KeyError, NotImplementedError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SafetyLayersError(
-            f"cannot load GGUF {path.name}: {msg[:200]}. transformers dequantizes only some GGUF "
-            "architectures; convert the original checkpoint to a safetensors folder instead"
-        ) from None
+    except (ValueError, KeyError, IndexError, NotImplementedError, OSError, EOFError) as e:
+        msg = (str(e).splitlines()[0] if str(e) else type(e).__name__)[:200]
+        if "not supported" in msg or isinstance(e, NotImplementedError):
+            raise SafetyLayersError(
+                f"cannot load GGUF {path}: {msg}. transformers dequantizes only some GGUF architectures; "
+                "convert the original checkpoint to a safetensors folder instead") from None
+        raise SafetyLayersError(f"cannot read GGUF {path}: the file is damaged or truncated ({type(e).__name__}: "
+                                f"{msg}): download it again") from None
     return model, tok
 
 
@@ -344,6 +349,12 @@ def built_model_folder(name: str) -> Path:
 
 def resolve(name: str) -> tuple[str, str]:
     """Map a user's model argument to (kind, location): embedded, built, gguf, folder or hub."""
+    if not str(name).strip():
+        raise SafetyLayersError("no model given: pass --model with an alias (demo, smollm2-135m-instruct), a model "
+                                "folder, a .gguf file or a Hugging Face id ORG/NAME")
+    if name.startswith("hf:"):
+        raise SafetyLayersError(f"--model takes a Hugging Face id without the hf: prefix (hf: names datasets): "
+                                f"use --model {name[3:]}")
     if name in EMBEDDED:
         return "embedded", name
     if name in BUILT_MODELS:
@@ -370,49 +381,184 @@ def model_location(name: str) -> tuple[str, str]:
     return kind, loc
 
 
+#: ``safety-layers --allow-pickle`` sets this to 1; :func:`load_model` then accepts pickle weights.
+ALLOW_PICKLE_ENV = "SAFETY_LAYERS_ALLOW_PICKLE"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def pickle_allowed(allow_pickle: bool | None = None) -> bool:
+    """``allow_pickle``, or when it is None the ``--allow-pickle`` switch (:data:`ALLOW_PICKLE_ENV`)."""
+    if allow_pickle is not None:
+        return bool(allow_pickle)
+    return os.environ.get(ALLOW_PICKLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def check_model_folder(folder: str | Path, allow_pickle: bool | None = None) -> bool:
+    """One line when ``folder`` is not a loadable model folder (no config.json, no weights,
+    pickle weights only, no tokenizer); True when it will load pickle weights, after a warning."""
+    folder = Path(folder)
+    files = {p.name for p in folder.iterdir()}
+    if "config.json" not in files and "adapter_config.json" not in files:
+        raise SafetyLayersError(
+            f"{folder} is not a model folder: it has no config.json (a Hugging Face model folder holds config.json, "
+            "tokenizer files and *.safetensors weights, as save_pretrained writes them)")
+    if not any(f.endswith(".safetensors") for f in files):
+        pickles = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES))
+        if not pickles:
+            raise SafetyLayersError(f"{folder} holds no weights (*.safetensors): save the model into it with "
+                                    "save_pretrained, or give the folder that has them")
+        if not pickle_allowed(allow_pickle):
+            raise SafetyLayersError(
+                f"{folder} has only pickle weights ({', '.join(pickles[:2])}), which can run code when loaded: "
+                "convert them to safetensors, or, if you trust the files, pass --allow-pickle "
+                "(safety-layers --allow-pickle COMMAND ...)")
+        print(f"warning: loading pickle weights ({', '.join(pickles[:2])}) from {folder} because of --allow-pickle: "
+              "unpickling runs any code the file holds", file=sys.stderr)
+        return True
+    if "config.json" in files and not any(f in files for f in _TOKENIZER_FILES):
+        raise SafetyLayersError(f"{folder} has no tokenizer files (tokenizer.json or tokenizer_config.json): save "
+                                "the tokenizer into the folder too (tokenizer.save_pretrained)")
+    return False
+
+
+@functools.lru_cache(maxsize=32)
+def hub_source(name: str, revision: str | None = None) -> str:
+    """``"online"``, or ``"cached"`` when the hub cannot be reached but the local cache holds
+    the model; otherwise one line at once, instead of a minute of download retries."""
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    cached = isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
+    fix = f"download it where you have internet and pass its local folder, or use --model {DEFAULT_MODEL}"
+    offline = [os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")]
+    if constants.HF_HUB_OFFLINE or any(v not in ("", "0", "false", "no") for v in offline):
+        if cached:
+            return "cached"
+        raise SafetyLayersError(f"{name!r} is not in the local Hugging Face cache and hub access is off "
+                                f"(offline mode): {fix}")
+    try:
+        model_info(name, revision=revision, timeout=10)
+    except GatedRepoError:
+        raise SafetyLayersError(f"{name!r} is gated: accept its licence on huggingface.co and log in "
+                                "(hf auth login)") from None
+    except RevisionNotFoundError:
+        raise SafetyLayersError(f"{name!r} has no revision {revision!r} on the Hugging Face hub") from None
+    except RepositoryNotFoundError:
+        raise SafetyLayersError(f"no model {name!r} on the Hugging Face hub (or it is private: log in with "
+                                "hf auth login): check the id, or give a local folder") from None
+    except Exception:  # noqa: BLE001 - no network: httpx/requests raise many kinds
+        if cached:
+            return "cached"
+        raise SafetyLayersError(f"cannot reach the Hugging Face hub for {name!r} (offline?) and the local "
+                                f"cache does not hold it: {fix}") from None
+    return "online"
+
+
+def check_model(name: str, allow_pickle: bool | None = None) -> str:
+    """Check a model argument before any work: the name resolves, a folder is a model folder,
+    a .gguf file exists, a hub id can be downloaded (or is cached). Builds nothing; returns
+    the kind (embedded, built, gguf, folder, hub)."""
+    kind, loc = resolve(name)
+    if kind == "gguf":
+        path = Path(loc)
+        if not path.is_file():
+            raise SafetyLayersError(f"GGUF file not found: {path}")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise SafetyLayersError(f"{path} is not a GGUF file (it does not start with GGUF): give a .gguf model")
+    elif kind == "folder":
+        check_model_folder(loc, allow_pickle)
+    elif kind == "hub":
+        hub_source(loc)
+    return kind
+
+
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def layer_count(name: str) -> int | None:
+    """The decoder-layer count of a model from its ``config.json``, without loading weights, so
+    a band can be checked before any work; None when only a download, a build or a GGUF read
+    would tell (a hub id not in the cache, a built model not built yet, a .gguf file)."""
+    kind, loc = resolve(name)
+    if kind in ("embedded", "built"):
+        path = cache_dir() / "models" / name / "config.json"     # where both are cached once made
+    elif kind == "folder":
+        path = Path(loc) / "config.json"
+    elif kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(loc, "config.json")
+        path = Path(cached) if isinstance(cached, str) else None
+    else:
+        path = None
+    if path is None or not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        for key in _LAYER_KEYS:
+            if isinstance(section.get(key), int):
+                return section[key]
+    return None
+
+
 def load_model(name: str = DEFAULT_MODEL, *, dtype="float32", device: str | None = None,
                trust_remote_code: bool = False, revision: str | None = None,
-               allow_pickle: bool = False) -> LoadedModel:
+               allow_pickle: bool | None = None) -> LoadedModel:
     """Load a causal LM by alias, GGUF file, local folder or Hugging Face id.
 
-    Local folders and hub models load safetensors only (``allow_pickle=True`` to accept
-    ``.bin``) and never run remote code unless ``trust_remote_code`` is set. The tokenizer
-    uses left padding off; callers pad as they need.
+    Local folders and hub models load safetensors only (``allow_pickle=True``, or the CLI's
+    ``--allow-pickle``, to accept ``.bin``) and never run remote code unless
+    ``trust_remote_code`` is set. A folder that is not a model and a hub id that cannot be
+    reached fail with one line before transformers is asked. The tokenizer uses left
+    padding off; callers pad as they need.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     _quiet_transformers()
     kind, loc = model_location(name)
     if kind == "gguf":
+        check_model(loc)
         model, tok = load_gguf(loc, dtype=dtype)
         model = rebuild(model)
     else:
-        kwargs = dict(dtype=_dtype(dtype), trust_remote_code=trust_remote_code, revision=revision,
-                      use_safetensors=None if allow_pickle else True)
-        try:
-            tok = AutoTokenizer.from_pretrained(loc, trust_remote_code=trust_remote_code, revision=revision)
-            model = AutoModelForCausalLM.from_pretrained(loc, **kwargs)
-        except OSError as e:
-            msg = str(e)
-            if kind == "hub" and ("offline" in msg.lower() or "connect" in msg.lower() or "resolve" in msg.lower()
-                                  or "couldn't" in msg.lower() or "not a valid model identifier" in msg):
-                raise SafetyLayersError(
-                    f"cannot load {name!r} from the Hugging Face hub (offline or unknown id): download it "
-                    "where you have internet and pass its local folder, or use --model "
-                    f"{DEFAULT_MODEL}") from None
-            if "safetensors" in msg.lower() or ".bin" in msg:
-                raise SafetyLayersError(
-                    f"{name} has no safetensors weights: convert it, or pass --allow-pickle if you trust "
-                    "the .bin files") from None
-            raise SafetyLayersError(f"cannot load model {name!r}: {msg.splitlines()[0][:200]}") from None
-        except ValueError as e:
-            raise SafetyLayersError(f"cannot load model {name!r}: {str(e).splitlines()[0][:200]}") from None
+        pickle = check_model_folder(loc, allow_pickle) if kind == "folder" else pickle_allowed(allow_pickle)
+        offline = kind == "hub" and hub_source(loc, revision) == "cached"
+        model, tok = _from_pretrained(name, loc, dtype=_dtype(dtype), trust_remote_code=trust_remote_code,
+                                      revision=revision, use_safetensors=None if pickle else True,
+                                      local_files_only=offline)
     if device:
         model = model.to(device)
     model.eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return LoadedModel(model=model, tokenizer=tok, name=name, source=loc, blocks=find_blocks(model))
+
+
+def _from_pretrained(name: str, loc: str, **kwargs):
+    """Tokenizer and model from a checked folder or hub id; transformers' and safetensors'
+    errors become one line naming the part that failed."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def fail(part: str, e: Exception):
+        first = re.split(r"(?<=[.!?])\s", " ".join(str(e).split()), maxsplit=1)[0]    # one whole sentence
+        hint = (": a file is damaged or truncated, download or save it again"
+                if isinstance(e, (SafetensorError, json.JSONDecodeError)) else "")
+        return SafetyLayersError(f"cannot load the {part} of {name!r}: {first or type(e).__name__}{hint}")
+
+    tok_kwargs = {k: kwargs[k] for k in ("trust_remote_code", "revision", "local_files_only")}
+    try:
+        tok = AutoTokenizer.from_pretrained(loc, **tok_kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise fail("tokenizer", e) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(loc, **kwargs)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise fail("weights", e) from None
+    return model, tok
 
 
 def load_or_use(model) -> LoadedModel:

@@ -41,13 +41,14 @@ from ..analysis import analyze
 from ..core.config import from_mapping
 from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
-from ..core.models import LoadedModel, find_blocks, load_model, load_or_use
-from ..core.runs import atomic_write, environment, read_json, slug, to_jsonable, write_json
+from ..core.data import read_records
+from ..core.models import LoadedModel, find_blocks, layer_count, load_model, load_or_use
+from ..core.runs import LOCK_NAME, atomic_write, environment, read_json, slug, to_jsonable, write_json
 from ..evaluate import EvaluateResult, evaluate
 from ..finetune import FinetuneConfig
 from ..finetune import run as ft
 from ..locate import locate
-from ..scenarios import build_scenario, manifest_path
+from ..scenarios import build_scenario, manifest_path, read_harmful
 from .config import GRID_FIELDS, ExperimentConfig, check_section_keys
 from .drift import DEFAULT_ALPHA, DriftRunner, describe_drift, drift_summary, gap_from_analysis, write_drift
 from .grid import Cell, grid, method_band, parse_scenario
@@ -135,7 +136,7 @@ def _open_run(run: Path, cfg: ExperimentConfig) -> dict:
                                     f"{', '.join(GRID_FIELDS)}")
         exp.update(config=config, resumed=_now(), finished=None)
     else:
-        if run.exists() and any(p.name != INPUTS for p in run.iterdir()):
+        if run.exists() and any(p.name not in (INPUTS, LOCK_NAME) for p in run.iterdir()):
             raise SafetyLayersError(f"{run} exists, is not empty and holds no experiment.json: choose another folder")
         exp = {"version": EXPERIMENT_VERSION, "config": config, "environment": environment(), "band": None,
                "band_source": None, "started": _now(), "finished": None}
@@ -499,12 +500,19 @@ def drift_on_demand(run_dir: str | Path, cells: list[str] | None = None, progres
 # --------------------------------------------------------------------------- the stages
 
 def _check_inputs(cfg: ExperimentConfig) -> None:
-    """What can fail before the model loads: the data file and the TrainingArguments keys."""
+    """What can fail before the run folder is written: the data files and their rows, the band
+    against the model's layer count (when its config.json is at hand) and the TrainingArguments keys."""
     if cfg.data is None:
         raise SafetyLayersError("no benign data: set data: to an instruction file (JSON/JSONL/CSV of "
                                 "instruction, input, output), e.g. alpaca_data_1k.json")
     if not Path(cfg.data).is_file():
         raise SafetyLayersError(f"data file not found: {cfg.data}")
+    read_records(cfg.data, dedupe=True)           # rows without their fields fail before the run folder exists
+    if cfg.harmful_data and any(parse_scenario(s)[0] == "harmful" for s in cfg.scenarios):
+        read_harmful(cfg.harmful_data)
+    layers = layer_count(cfg.model) if cfg.band else None
+    if layers is not None:
+        LayerRange.parse(cfg.band).check(layers)
     if cfg.training_args:
         from transformers import TrainingArguments
 

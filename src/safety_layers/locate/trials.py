@@ -14,6 +14,7 @@ across processes; rank 0 writes the files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -222,8 +223,8 @@ def calibrate(ev: Evaluator, sets: list[str], notes: list[str]) -> dict:
 def write_samples(ev: Evaluator, path: Path, wanted: list[tuple]) -> None:
     """Every prompt's completion and verdict of the ``(set, range, alpha)`` trials in ``wanted``, as JSONL.
 
-    Texts are taken from this run's memory, or regenerated through the generation cache on a
-    resumed run (skipped when the cache is off).
+    Texts are taken from this run's memory, or on a resumed run generated again (greedy, so the
+    same texts; through the generation cache unless it is off), so the file is whole either way.
     """
     from ..engine.generation import generate
 
@@ -231,16 +232,10 @@ def write_samples(ev: Evaluator, path: Path, wanted: list[tuple]) -> None:
     for which, rng, a in wanted:
         prompts = ev.sets[which].prompts
         texts = ev.texts.get(ev.key(which, rng, a, "generation"))
-        if texts is None:
-            if not ev.cache:
-                continue
-            if rng is None:
+        if texts is None:          # a resumed run: generated again (greedy), from the cache when it is on
+            with scaled_layers(ev.lm, rng, a, ev.components) if rng is not None else contextlib.nullcontext():
                 texts = [c.text for c in generate(ev.lm, prompts, ev.settings, template=ev.template_arg,
-                                                  progress=False)]
-            else:
-                with scaled_layers(ev.lm, rng, a, ev.components):
-                    texts = [c.text for c in generate(ev.lm, prompts, ev.settings, template=ev.template_arg,
-                                                      progress=False)]
+                                                  cache=ev.cache, progress=False)]
         refused = ev.refusals(which, rng, a)
         for p, text, r in zip(prompts, texts, refused):
             lines.append(json.dumps({"set": which, "range": None if rng is None else [rng.start, rng.end],

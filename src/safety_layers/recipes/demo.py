@@ -26,6 +26,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.config import settle
 from ..core.errors import SafetyLayersError
 
 _YAML = {"cli": False}   # a setting for YAML files and Python, not a command-line flag
@@ -71,6 +72,7 @@ class DemoConfig:
     progress: bool = field(default=True, metadata={"help": "progress bars and stage lines"})
 
     def __post_init__(self):
+        settle(self)                              # the type checks every config gets
         if self.scenario not in ("normal", "implicit", "backdoor"):
             raise SafetyLayersError(f"the demo runs normal, implicit or backdoor, got {self.scenario!r} "
                                     "(the harmful scenario needs harmful data: use `safety-layers experiment`)")
@@ -168,6 +170,13 @@ def run_demo(cfg: DemoConfig | None = None) -> Path:
     t0 = time.perf_counter()
     log = StageLog(cfg.progress)
     run = Path(cfg.out)
+    if cfg.band is not None:                      # before minutes of self-distilling, not after
+        from ..core.layers import LayerRange
+        from ..core.models import layer_count
+
+        band, layers = LayerRange.parse(cfg.band), layer_count(cfg.model)
+        if layers is not None:
+            band.check(layers)
     log(f"[bold]safety-layers demo[/bold] -> {run}")
     if cfg.model == "demo":
         from ..align.run import read_manifest
