@@ -7,7 +7,7 @@ refusal proxy (:mod:`.proxy`) scores prompts without generating.
 
 from .base import (Judge, JudgeSummary, Verdict, get_judge, harmful_score, list_judges, register_judge,
                    summarize)
-from .factory import build_judge
+from .factory import DEFAULT_JUDGE, build_judge
 
-__all__ = ["Judge", "JudgeSummary", "Verdict", "build_judge", "get_judge", "harmful_score", "list_judges",
+__all__ = ["DEFAULT_JUDGE", "Judge", "JudgeSummary", "Verdict", "build_judge", "get_judge", "harmful_score", "list_judges",
            "register_judge", "summarize"]
