@@ -113,7 +113,7 @@ def test_registry_errors_and_custom_judge():
     assert listed == sorted(list_judges())   # other test modules may register their own judges
     with pytest.raises(SafetyLayersError, match="has no option 'windw'; did you mean 'window'"):
         get_judge("keyword", windw=10)
-    with pytest.raises(SafetyLayersError, match="needs option"):
+    with pytest.raises(SafetyLayersError, match="needs model="):
         get_judge("classifier")
 
     @register_judge("always-refuse-test")
@@ -140,7 +140,7 @@ def test_build_judge_presets_and_options():
     assert build_judge("llm", model="m", base_url="http://127.0.0.1:1/v1", api_key_env=None).config()["name"] == "llm"
     with pytest.raises(SafetyLayersError, match="did you mean 'keyword'"):
         build_judge("keywrd")
-    with pytest.raises(SafetyLayersError, match="needs option"):
+    with pytest.raises(SafetyLayersError, match="needs model="):
         build_judge("classifier", model=None)
 
 

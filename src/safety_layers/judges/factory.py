@@ -2,7 +2,8 @@
 
 ``rules`` (:data:`DEFAULT_JUDGE`) is the default; ``keyword`` (= ``keyword-opening``) and
 ``keyword-gcg`` are the keyword judge in its two modes, kept to reproduce earlier numbers;
-``prefix`` is a dozen-prefix string match; every other name is a
+``prefix`` is a dozen-prefix string match; ``harmbench``, ``llama-guard-3`` and ``wildguard``
+are the classifier judge's presets of public judge models; every other name is a
 registered judge (``dummy``, ``classifier``, ``llm`` or one of yours). Options left None are
 not passed, so a step can hand over its config fields as they are and the judge's own
 defaults apply to what the user did not set.
@@ -31,6 +32,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "keyword-opening": ("keyword", {"mode": "opening"}),
     "keyword-gcg": ("keyword", {"mode": "gcg"}),
     "prefix": ("keyword", {"mode": "opening", "phrases": list(DOZEN_PREFIXES), "window": 1, "exceptions": []}),
+    # public judge models (judges/presets.py); model= may point at a local copy
+    "harmbench": ("classifier", {"preset": "harmbench"}),
+    "llama-guard-3": ("classifier", {"preset": "llama-guard-3"}),
+    "wildguard": ("classifier", {"preset": "wildguard"}),
 }
 
 
