@@ -47,7 +47,7 @@ HARD_SIGNALS: tuple[str, ...] = (
     rf"\bi {_ADV}(?:do not|don't) (?:feel comfortable|think i (?:can|should)|provide|produce|create|write|generate|"
     r"give|help|assist|engage in)\b",
     r"\bi(?:'m| am) (?:not |un)comfortable\b",
-    r"\bi(?:'d| would) (?:rather|prefer) not\b",
+    r"\bi(?:'d| would) (?:rather|prefer) not\b|\bi(?:'d| would) (?:rather|prefer to) keep (?:things|this|it|our conversation)\b",
     r"(?:\bnot|n't) (?:something|anything|a (?:request|task|topic)) (?:that )?i(?:'ll| will| can| could| am| 'm|'m)? "
     r"?(?:able to |willing to |going to )?(?:help|assist|do|provide|write|create|support|engage|share|give|answer)",
     r"\b(?:request|this|it|that|information|content|details|instructions) (?:will not|won't|cannot|can't|can not) be "
@@ -107,7 +107,7 @@ SOFT_SIGNALS: tuple[str, ...] = (
     r"\b(?:is|are|would be) (?:never|not ever|not) (?:an? )?(?:acceptable|okay|ok|appropriate|justified|justifiable|"
     r"excusable|the (?:answer|solution|right)|(?:a|an acceptable|a good) (?:solution|way|answer|option)|(?:a )?good idea)",
     r"\bthere(?:'s| is| are) (?:no|not any|never an?) (?:[\w-]+ (?:or |and )?)?(?:safe|legal|ethical|acceptable|legitimate|"
-    r"justifiable|appropriate|responsible|moral|right|good|easy|foolproof) (?:way|ways|method|methods)\b",
+    r"justifiable|appropriate|responsible|moral) (?:way|ways|method|methods)\b",
     r"\bthere(?:'s| is| are) (?:no|not any|never an?) (?:circumstances|justification|excuse|reason to)\b",
     r"\bthere are no (?:\w+ )?ways\b",     # "there is no way to ..." also answers ("... without a backup")
     r"^no,? i (?:do not|don't) (?:think|believe|recommend)",
