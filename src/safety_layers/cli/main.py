@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core.errors import SafetyLayersError
-from . import commands
+from . import commands, judge_check
 from .args import add_config_args, build_config
 from .checks import os_error_line
 
@@ -140,6 +140,10 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             commands.run_report, "safety_layers.report:ReportConfig", positional=("run",), yaml=False,
             interrupted="nothing was written",
             epilog="examples:\n  safety-layers report runs/demo\n"),
+    Command("judge-check", "how well each refusal judge agrees with human labels on a file of replies",
+            "Run each judge on labelled replies and print accuracy, refusal precision, recall, F1 and Cohen's kappa, "
+            "per judge and per reply style, so a judge can be validated on a model's own replies before its rates "
+            "are trusted.", judge_check.run, yaml=False, epilog=judge_check.EPILOG, extra=judge_check.add_args),
     Command("demo", "the whole method on the embedded model: align, analyze, locate, attack, SPPFT, evaluate, report",
             "Builds (or reuses) the aligned demo model, compares it with the bare model, locates its safety "
             "layers, fine-tunes with full FT and SPPFT under the implicit attack, evaluates both and writes "
