@@ -90,7 +90,7 @@ def test_help_of_every_command(capsys):
         out = capsys.readouterr().out
         assert out.startswith(f"usage: safety-layers {name}")
         # config-driven commands take --config; experiment and report take a positional file / folder
-        expected = "--config" if cmd.config and cmd.yaml else {"experiment": "config", "report": "run"}[name]
+        expected = "--config" if cmd.config and cmd.yaml else {"experiment": "config", "report": "run", "judge-check": "file"}[name]
         assert expected in out.split("\n\n")[0], (name, expected)
     assert main(["--help"]) == 0
     out = capsys.readouterr().out

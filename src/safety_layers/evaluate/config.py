@@ -18,7 +18,8 @@ from ..engine.generation import GenerationSettings
 
 #: Judges :class:`EvaluateConfig` knows by name. ``proxy`` is the first-token refusal proxy,
 #: calibrated against the first other judge unless ``proxy_threshold`` is given.
-JUDGES = ("keyword", "keyword-gcg", "proxy", "llm", "classifier", "dummy")
+JUDGES = ("rules", "keyword", "keyword-opening", "keyword-gcg", "prefix", "proxy", "llm", "classifier", "harmbench",
+          "llama-guard-3", "wildguard", "dummy")
 _YAML = {"cli": False}   # a setting for YAML files and Python, not a command-line flag
 
 
@@ -56,8 +57,8 @@ class EvaluateConfig:
     quality_tokens: int = field(default=128, metadata={"help": "tokens generated per quality record", **_YAML})
     batch_size: int | None = field(default=None, metadata={"help": "prompts decoded together (default: 128)", **_YAML})
     judges: str | list[str] | None = field(default=None, metadata={
-        "help": f"comma-separated refusal judges, the first is the headline: {', '.join(JUDGES)} (default: keyword)",
-        "default": "keyword", "paper": "keyword,keyword-gcg"})
+        "help": f"comma-separated refusal judges, the first is the headline: {', '.join(JUDGES)}",
+        "default": "rules", "paper": "keyword,keyword-gcg"})
     proxy_threshold: float | None = field(default=None, metadata={
         "help": "first-token proxy threshold (default: calibrated against the first other judge)", **_YAML})
     judge_url: str | None = field(default=None, metadata={

@@ -25,7 +25,7 @@ from ..core.runs import to_jsonable
 from ..core.stats import cohen_kappa, percent_agreement, wilson_interval
 from ..engine.distributed import run_on_main
 from ..engine.generation import Completion, GenerationSettings, generate_all
-from ..judges import Judge, JudgeSummary, Verdict, build_judge, summarize
+from ..judges import DEFAULT_JUDGE, Judge, JudgeSummary, Verdict, build_judge, summarize
 
 #: Field metadata of per-prompt data: written to samples.jsonl instead of result.json.
 SAMPLE = {"sample": True}
@@ -188,7 +188,7 @@ def prompt_set(prompts, limit: int | None = None):
     return ps
 
 
-def rate(model, prompts, *, metric: Literal["harmful_rate", "over_refusal_rate"], judges=("keyword",),
+def rate(model, prompts, *, metric: Literal["harmful_rate", "over_refusal_rate"], judges=(DEFAULT_JUDGE,),
          settings: GenerationSettings | None = None, template: str = "chat", proxy=None, cache: bool = True,
          progress: bool = True, backend: str = "hf", limit: int | None = None) -> RateResult:
     """Generate for ``prompts`` (a set spec, PromptSet or list), judge, count. Writes no files.

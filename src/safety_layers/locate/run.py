@@ -93,8 +93,9 @@ class LocateConfig:
         "help": "best screened candidates per sweep recounted with generation + judge (they decide)", **KNOB})
     max_new_tokens: int = field(default=16, metadata={
         "help": "tokens generated per prompt for refusal counting (paper code: 16)", **KNOB})
-    judge: str = field(default="keyword", metadata={
-        "help": "refusal judge: keyword, keyword-gcg (or another registered name)", **KNOB})
+    judge: str | None = field(default=None, metadata={
+        "help": "refusal judge that counts over-rejection: rules, keyword, keyword-gcg, prefix (or another registered name)",
+        "default": "rules", "paper": "keyword", **KNOB})
     malicious: str | None = field(default="malicious", metadata={
         "help": "malicious set for proxy calibration and the sanity check (none skips both the pooling and the check)",
         **KNOB})
