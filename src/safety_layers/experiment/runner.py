@@ -305,7 +305,7 @@ class _Experiment:
         kind, p = parse_scenario(scenario)
         opts = dict(self.cfg.scenario_options, n=self.cfg.n_for(scenario), seed=self.cfg.data_seed, overwrite=True)
         if kind == "harmful":
-            opts.update(harmful=self.cfg.harmful_data, p=p)
+            opts.update(harmful=self.cfg.harmful_data, p=p, harmful_exclude=self.cfg.evaluate.malicious)
         res = build_scenario(kind, self.cfg.data, out, **opts)
         self.log(f"[bold]data[/bold] {scenario}: {res.total} rows ({', '.join(f'{v} {k}' for k, v in res.counts.items())})")
         return out
