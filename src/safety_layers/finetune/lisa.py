@@ -23,7 +23,7 @@ import functools
 import torch
 
 from ..core.errors import SafetyLayersError
-from .methods import MethodContext, MethodModule, MethodSetup, apply_method
+from .methods import MethodContext, MethodModule, MethodSetup, apply_method, as_method
 
 
 def in_alignment_state(step: int, alignment_steps: int, finetune_steps: int) -> bool:
@@ -97,7 +97,7 @@ class LISA(MethodModule):
         if not alignment and cfg.lisa_alignment_steps:
             raise SafetyLayersError("lisa has no alignment example that fits max_length: raise --max_length or "
                                     "pass shorter alignment_data rows")
-        model, plan, frozen = apply_method(lm, _as_full(cfg), None, seed=ctx.args.seed)
+        model, plan, frozen = apply_method(lm, as_method(cfg, "full"), None, seed=ctx.args.seed)
         check = freeze_check_class()(frozen)
         trainer = lisa_trainer_class()(
             model=model, args=ctx.args, train_dataset=ctx.data.examples, data_collator=ctx.collator,
@@ -110,9 +110,3 @@ class LISA(MethodModule):
                            f"fine-tuning steps, proximal rho {cfg.lisa_rho}, {len(alignment)} alignment examples"}
         return MethodSetup(model, plan, check, trainer, info)
 
-
-def _as_full(cfg):
-    """Lisa trains every weight (as full fine-tuning does)."""
-    from dataclasses import replace
-
-    return replace(cfg, method="full")

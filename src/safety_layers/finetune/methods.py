@@ -190,3 +190,10 @@ class MethodModule:
 def plan_of(model: torch.nn.Module, method: str, band: LayerRange | None, frozen_names: list[str]) -> FreezePlan:
     """The freeze plan of ``model`` as its ``requires_grad`` flags stand (frozen tensors named)."""
     return _plan(model, method, band, frozen_names)
+
+
+def as_method(cfg: FinetuneConfig, method: str) -> FinetuneConfig:
+    """``cfg`` with another method: a baseline that trains like ``full`` or ``sppft`` freezes through it."""
+    from dataclasses import replace
+
+    return replace(cfg, method=method)
