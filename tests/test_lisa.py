@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -54,3 +56,25 @@ def test_own_alignment_data_and_a_missing_file(tmp_path):
     assert prep.method_info["alignment_examples"] == 5
     with pytest.raises(SafetyLayersError, match="alignment data .*missing.jsonl does not exist"):
         _run(tmp_path, rho=1.0, alignment_data=str(tmp_path / "missing.jsonl"))
+
+
+def test_the_baselines_run_as_experiment_cells_and_a_failing_one_is_recorded(tmp_path, monkeypatch):
+    from safety_layers.experiment import ExperimentConfig, run_experiment
+
+    monkeypatch.setenv("SAFETY_LAYERS_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "benign.jsonl", benign_rows(16))
+    harmful = write_jsonl(tmp_path / "harmful.jsonl", [{"instruction": f"placeholder request {i}",
+                                                        "output": f"Sure, placeholder {i}"} for i in range(10)])
+    cfg = ExperimentConfig(model="tiny-llama", band="0-0", data=str(data), n=10, harmful_data=str(harmful),
+                           scenarios=["harmful-p0.2"], methods=["nfft", "lisa", "rdpo"], lrs=[1e-2], seeds=[0],
+                           epochs=1, max_steps=2, max_length=256, drift=None,
+                           method_options={"nfft_samples": 2, "lisa_alignment_steps": 1, "lisa_finetune_steps": 1},
+                           evaluate={"limit": 2, "max_new_tokens": 2, "over_rejection": None})
+    res = run_experiment(cfg, tmp_path / "run", progress=False, model=tiny_model("llama", layers=4))
+    assert (res.ran, res.failed) == (2, 1)
+    cells = {p.parent.name.split("__")[1]: json.loads(p.read_text()) for p in (tmp_path / "run").glob("cells/*/cell.json")}
+    assert cells["nfft"]["status"] == cells["lisa"]["status"] == "done"
+    assert cells["nfft"]["finetune"]["method_info"]["frozen"] == cells["nfft"]["finetune"]["frozen_params"] > 0
+    assert cells["lisa"]["finetune"]["method_info"]["alignment_steps"] == 1
+    assert cells["rdpo"]["status"] == "failed" and "needs compliant_model" in cells["rdpo"]["error"]
+    assert (tmp_path / "run" / "shared" / "nfft_scores.safetensors").is_file()

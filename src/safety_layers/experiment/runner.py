@@ -348,7 +348,7 @@ class _Experiment:
         method, frozen, note = method_band(cell.method, self.band, self.base.num_layers)
         record.update(frozen_band=[frozen.start, frozen.end] if frozen else None, note=note)
         t = time.perf_counter()
-        fcfg = from_mapping(FinetuneConfig, self.cfg.finetune_settings(), "finetune", model=self.cfg.model,
+        fcfg = from_mapping(FinetuneConfig, self.cfg.finetune_settings(self.run / "shared"), "finetune", model=self.cfg.model,
                             data=str(data), method=method, layers=str(frozen) if frozen else None,
                             out=str(cdir / "train" / "model"), overwrite=True)
         prep = ft.prepare(fcfg, self.training_args(cell, cdir / "train"), model=self.fresh_copy())

@@ -24,6 +24,10 @@ METHOD_MODULES.register("rdpo-sppft", "safety_layers.finetune.rdpo:RDPO_SPPFT")
 METHODS = ("sppft", "full", "freeze", "lora", "sppft-lora", "nfft", "lisa", "rdpo", "rdpo-sppft")
 BAND_METHODS = ("sppft", "freeze", "sppft-lora", "nfft", "rdpo-sppft")
 LORA_METHODS = ("lora", "sppft-lora")
+#: FinetuneConfig settings of the baselines (an experiment's ``method_options``).
+BASELINE_FIELDS = ("alignment_data", "nfft_utility_top", "nfft_samples", "nfft_utility", "nfft_scores",
+                   "lisa_alignment_steps", "lisa_finetune_steps", "lisa_rho", "compliant_model", "rdpo_beta",
+                   "rdpo_tokens", "rdpo_pairs")
 #: Methods that train on something else than ``data`` (reverse DPO: preference pairs it builds).
 DATALESS_METHODS = ("rdpo", "rdpo-sppft")
 

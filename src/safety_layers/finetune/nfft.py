@@ -17,7 +17,8 @@ frozen entries (so Adam's moments for them stay exactly zero and the update is z
 after each optimizer step the frozen values are written back, which undoes decoupled weight
 decay, the one update that bypasses the gradient. :class:`NFFTCheck` verifies both at the
 end of training. Scores are stored (bfloat16) in ``<output_dir>/nfft_scores.safetensors`` and
-reused by later runs on the same model.
+reused by later runs on the same model; the scoring examples do not depend on the training
+seed, so one file serves every seed of an experiment.
 """
 
 from __future__ import annotations
@@ -231,7 +232,7 @@ class NFFT(MethodModule):
         cfg, lm = ctx.cfg, ctx.lm
         template = resolve_template(lm.tokenizer, cfg.template)
         safety_ex = encode_examples(lm.tokenizer, alignment_examples(cfg.alignment_data, cfg.nfft_samples,
-                                                                     ctx.args.seed), template, cfg.max_length)
+                                                                     0), template, cfg.max_length)
         utility_ex = encode_examples(lm.tokenizer, _utility(ctx, template), template, cfg.max_length)
         if not safety_ex or not utility_ex:
             raise SafetyLayersError("NFFT has no safety or no utility example that fits max_length: raise "
@@ -256,7 +257,7 @@ def _utility(ctx: MethodContext, template: str) -> list:
                                     "file or leave it unset")
         rows = load_records(cfg.nfft_utility, ("instruction", "output"))[: cfg.nfft_samples]
         return [Example(r["instruction"], r["output"], "benign") for r in rows]
-    answers, _, _ = self_distill(ctx.lm, benign_prompts(cfg.nfft_samples, ctx.args.seed), 64, template,
+    answers, _, _ = self_distill(ctx.lm, benign_prompts(cfg.nfft_samples, 0), 64, template,
                                  progress=False, reopen=False)
     return [e for e in answers if e is not None]
 

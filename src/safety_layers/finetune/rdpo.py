@@ -134,7 +134,7 @@ class RDPO(MethodModule):
 
         name = self._compliant_name(ctx.cfg)
         compliant = load_model(name, dtype=ctx.cfg.dtype)
-        examples = alignment_examples(ctx.cfg.alignment_data, ctx.cfg.limit, ctx.args.seed)
+        examples = alignment_examples(ctx.cfg.alignment_data, ctx.cfg.limit, 0)
         return build_pairs(compliant, examples, ctx.cfg.rdpo_tokens, template, path)
 
 
