@@ -80,5 +80,10 @@ def test_set_difference_skips_the_utility_top_and_takes_the_highest_safety():
     assert masks["a"].tolist() == [[False, True, True, False]]
     assert masks["b"].tolist() == [[True, False, False, False]]
     assert info["candidates"] == 6 and info["frozen"] == 3
+    # ties (stored scores are bfloat16) break the same way whatever order the scores were read in
+    flat = {n: torch.ones(1, 4) for n in ("m.2", "m.10", "m.1")}
+    first, _ = nfft_masks(flat, flat, 5, utility_top=0.0)
+    second, _ = nfft_masks(dict(reversed(flat.items())), flat, 5, utility_top=0.0)
+    assert all(torch.equal(first[n], second[n]) for n in flat) and sum(int(m.sum()) for m in first.values()) == 5
     with pytest.raises(SafetyLayersError, match="can match at most 2"):
         nfft_masks(safety, utility, 3, utility_top=0.75)

@@ -74,12 +74,13 @@ def nfft_masks(safety: dict[str, torch.Tensor], utility: dict[str, torch.Tensor]
 
     Returns boolean masks (True: frozen) and what was chosen (q, p, how many could be picked).
     """
+    names = sorted(safety)                 # one order however the scores were read: ties break the same way
     total = sum(s.numel() for s in safety.values())
     q = n_freeze / max(total, 1)
     p = q if utility_top is None else utility_top
     candidates, excluded = [], 0
-    for name, s in safety.items():
-        u = utility[name].reshape(-1)
+    for name in names:
+        s, u = safety[name], utility[name].reshape(-1)
         k = min(u.numel(), math.ceil(p * u.numel()))
         s = s.reshape(-1).float().clone()
         if k:
@@ -96,9 +97,9 @@ def nfft_masks(safety: dict[str, torch.Tensor], utility: dict[str, torch.Tensor]
     if n_freeze:
         chosen[_top(flat, n_freeze)] = True
     masks, at = {}, 0
-    for name, s in safety.items():
-        masks[name] = chosen[at: at + s.numel()].reshape(s.shape)
-        at += s.numel()
+    for name in names:
+        masks[name] = chosen[at: at + safety[name].numel()].reshape(safety[name].shape)
+        at += safety[name].numel()
     return masks, {"q": q, "utility_top": p, "candidates": room, "scored": total, "frozen": n_freeze}
 
 
@@ -267,4 +268,4 @@ def _per_layer(masks: dict[str, torch.Tensor], lm) -> dict[int, int]:
     for n, m in masks.items():
         layer = _layer_of(n, lm.blocks)
         out[layer] = out.get(layer, 0) + int(m.sum())
-    return out
+    return dict(sorted(out.items()))
