@@ -72,3 +72,22 @@ def test_a_model_without_a_known_compliant_one_needs_the_option(tmp_path):
     cfg = FinetuneConfig(model="some/aligned-model", method="rdpo", overwrite=True)
     with pytest.raises(SafetyLayersError, match="needs compliant_model"):
         prepare(cfg, tiny_args(str(tmp_path / "run")), model=tiny_model("llama", layers=2))
+
+
+def test_dry_run_lists_every_cell_with_rows_and_steps(tmp_path):
+    from safety_layers.experiment import ExperimentConfig
+    from safety_layers.experiment.plan import plan, plan_text
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(30)])
+    cfg = ExperimentConfig(model="m", band="1-2", data=str(data), harmful_data="h.csv", epochs=3, batch_size=4,
+                           n={"harmful": 20}, scenarios=["normal", "backdoor", "harmful-p0.1"],
+                           methods=["full", "lisa", "rdpo"], method_options={"lisa_alignment_steps": 2,
+                                                                            "lisa_finetune_steps": 3})
+    cells = {(c["scenario"], c["method"]): c for c in plan(cfg)}
+    assert len(cells) == 9
+    assert (cells[("normal", "full")]["rows"], cells[("normal", "full")]["steps"]) == (30, 24)      # 8 batches x 3
+    assert (cells[("backdoor", "full")]["rows"], cells[("backdoor", "full")]["steps"]) == (30, 24)  # 2 x 15
+    assert (cells[("harmful-p0.1", "full")]["rows"], cells[("harmful-p0.1", "full")]["steps"]) == (22, 18)
+    assert cells[("harmful-p0.1", "lisa")]["note"] == "8 of the steps on alignment data"            # 2 per 5, 18 steps
+    assert cells[("normal", "rdpo")]["rows"] == 414 and cells[("normal", "rdpo")]["steps"] == 312
+    assert "| normal | full | 0.0001 | 0 | 30 | 24 |" in plan_text(cfg)
