@@ -1,0 +1,58 @@
+"""Task metrics as experiment columns: one lm-eval score per task beside the refusal metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_model
+from helpers_finetune import benign_rows, one_thread, write_jsonl
+
+from safety_layers.experiment.results import aggregate, lm_eval_metrics, results_markdown
+
+
+def test_one_score_per_task_accuracy_first():
+    got = lm_eval_metrics({"results": {
+        "mmlu": {"alias": "mmlu", "acc,none": 0.25, "acc_stderr,none": 0.01},
+        "hellaswag": {"acc_norm_stderr,none": 0.02, "acc_norm,none": 0.5},
+        "gsm8k": {"exact_match,strict-match": 0.125, "exact_match_stderr,strict-match": 0.03}}})
+    assert got == {"lm_eval:mmlu": 0.25, "lm_eval:hellaswag": 0.5, "lm_eval:gsm8k": 0.125}
+    assert lm_eval_metrics(None) == {}
+
+
+def test_task_columns_aggregate_over_seeds_with_the_before_value():
+    cells = [{"scenario": "normal", "method": m, "lr": 1e-4, "seed": s, "status": "done",
+              "metrics": {"harmful_rate": 0.1, "lm_eval:mmlu": 0.3 + 0.1 * s}} for m in ("full", "nfft") for s in (0, 1)]
+    res = aggregate(cells, {"harmful_rate": 0.05, "lm_eval:mmlu": 0.4})
+    assert res["metrics"] == ["harmful_rate", "lm_eval:mmlu"]
+    row = res["rows"][0]["metrics"]["lm_eval:mmlu"]
+    assert row["after_mean"] == pytest.approx(0.35) and row["delta"] == pytest.approx(-0.05)
+    assert row["after_ci"][0] >= 0.0 and row["after_ci"][1] <= 1.0
+    assert "## lm-eval mmlu" in results_markdown(res) and "| normal | nfft | 0.0001 | 2 | 0.400 | 0.350 |" in \
+        results_markdown(res)
+
+
+def test_an_experiment_with_a_local_lm_eval_task_reports_its_column(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from safety_layers.experiment import ExperimentConfig, run_experiment
+
+    monkeypatch.setenv("SAFETY_LAYERS_CACHE", str(tmp_path / "cache"))
+    task = tmp_path / "tiny_mc.jsonl"
+    task.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1)],
+                                        "label": 0}) + "\n" for i in range(6)))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {task}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    data = write_jsonl(tmp_path / "benign.jsonl", benign_rows(8))
+    cfg = ExperimentConfig(model="tiny-llama", band="0-0", data=str(data), n=8, scenarios=["normal"], methods=["full"],
+                           lrs=[1e-2], seeds=[0], epochs=1, max_steps=1, max_length=64, drift=None,
+                           evaluate={"limit": 4, "max_new_tokens": 2, "over_rejection": None,
+                                     "lm_eval_tasks": "tiny_mc", "lm_eval_include": str(tmp_path)})
+    with one_thread():
+        res = run_experiment(cfg, tmp_path / "run", progress=False, model=tiny_model("llama", layers=2))
+    assert res.ran == 1
+    cell = json.loads(next((tmp_path / "run").glob("cells/*/cell.json")).read_text())
+    assert 0.0 <= cell["metrics"]["lm_eval:tiny_mc"] <= 1.0
+    assert "## lm-eval tiny_mc" in (tmp_path / "run" / "results.md").read_text()
