@@ -56,3 +56,41 @@ def test_an_experiment_with_a_local_lm_eval_task_reports_its_column(tmp_path, mo
     cell = json.loads(next((tmp_path / "run").glob("cells/*/cell.json")).read_text())
     assert 0.0 <= cell["metrics"]["lm_eval:tiny_mc"] <= 1.0
     assert "## lm-eval tiny_mc" in (tmp_path / "run" / "results.md").read_text()
+
+
+# --------------------------------------------------------------------------- AlpacaEval-style win rate
+
+def test_win_rate_over_the_test_server_follows_the_judges_verdicts():
+    from helpers_http import ChatServer
+
+    from safety_layers.evaluate.winrate import PAIRWISE_TEMPLATE, win_rate
+
+    def judge(text: str) -> str:
+        """Prefers the answer that contains GOOD; ties when both or neither do."""
+        a = text.split("[Answer A]")[1].split("[Answer B]")[0]
+        b = text.split("[Answer B]")[1]
+        if ("GOOD" in a) == ("GOOD" in b):
+            return "Both are fine.\nWinner: tie"
+        return "Winner: A" if "GOOD" in a else "Winner: **B**"
+
+    instructions = [f"Task {i}" for i in range(8)]
+    tuned = ["GOOD answer" if i < 5 else "plain answer" for i in range(8)]
+    reference = ["plain answer"] * 6 + ["GOOD answer"] * 2
+    with ChatServer(judge) as server:
+        res = win_rate(instructions, tuned, reference, judge_model="j", judge_url=server.url, seed=1)
+        shown = [r["body"]["messages"][0]["content"] for r in server.requests]
+    # tuned wins 0-4, ties 5 (both plain), loses 6-7
+    assert (res.wins, res.ties, res.losses, res.unreadable, res.n) == (5, 1, 2, 0, 8)
+    assert res.win_rate == pytest.approx(5.5 / 8)
+    # the tuned answer is shown in both positions (order drawn per instruction)
+    firsts = {s.split("[Answer A]")[1].split("[Answer B]")[0].strip() for s in shown}
+    assert {"GOOD answer", "plain answer"} <= firsts and PAIRWISE_TEMPLATE.split("\n")[0] in shown[0]
+
+
+def test_win_rate_without_a_judge_endpoint_is_one_line():
+    from safety_layers.core.errors import SafetyLayersError
+    from safety_layers.evaluate.winrate import parse_winner, win_rate
+
+    with pytest.raises(SafetyLayersError, match="needs an LLM judge: set evaluate.judge_url"):
+        win_rate(["x"], ["a"], ["b"], judge_model=None, judge_url=None)
+    assert [parse_winner(t) for t in ("Winner: a", "winner - TIE", "I pick A", None)] == ["A", "tie", None, None]
