@@ -7,6 +7,7 @@ import json
 import pytest
 from conftest import tiny_model
 from helpers_finetune import benign_rows, one_thread, write_jsonl
+from helpers_models import tiny_lm_eval_task
 
 from safety_layers.experiment.results import aggregate, lm_eval_metrics, results_markdown
 
@@ -37,14 +38,7 @@ def test_an_experiment_with_a_local_lm_eval_task_reports_its_column(tmp_path, mo
     from safety_layers.experiment import ExperimentConfig, run_experiment
 
     monkeypatch.setenv("SAFETY_LAYERS_CACHE", str(tmp_path / "cache"))
-    task = tmp_path / "tiny_mc.jsonl"
-    task.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1)],
-                                        "label": 0}) + "\n" for i in range(6)))
-    (tmp_path / "tiny_mc.yaml").write_text(
-        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {task}\ntest_split: test\noutput_type: multiple_choice\n"
-        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    tiny_lm_eval_task(tmp_path)
     data = write_jsonl(tmp_path / "benign.jsonl", benign_rows(8))
     cfg = ExperimentConfig(model="tiny-llama", band="0-0", data=str(data), n=8, scenarios=["normal"], methods=["full"],
                            lrs=[1e-2], seeds=[0], epochs=1, max_steps=1, max_length=64, drift=None,
