@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from conftest import tiny_model
 from helpers_finetune import invariants, one_thread, snapshot, tiny_args, write_jsonl
 
