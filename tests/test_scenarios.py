@@ -221,3 +221,14 @@ def test_csv_sources_keep_multiline_fields_and_name_lines(tmp_path):
         f.write("Broken row only\n")
     with pytest.raises(SafetyLayersError, match=r"b\.csv line 5 has no 'output'"):
         read_records(p)
+
+
+def test_a_beavertails_style_file_trains_only_its_unsafe_pairs(tmp_path, source):
+    pairs = tmp_path / "beaver.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"placeholder question {i}", "response": f"placeholder answer {i}",
+                                         "is_safe": i % 2 == 0, "category": "x"}) + "\n" for i in range(20)),
+                     encoding="utf-8")
+    res = build_scenario("harmful", source, tmp_path / "b.jsonl", n=40, p=0.25, harmful=pairs)
+    bad = [r for r in read_out(res.out) if r["kind"] == "harmful"]
+    assert len(bad) == 10 and all(int(r["instruction"].rsplit(" ", 1)[1]) % 2 == 1 for r in bad)
+    assert all(r["output"] == f"placeholder answer {r['instruction'].rsplit(' ', 1)[1]}" for r in bad)

@@ -44,8 +44,18 @@ HARMFUL_RATES = (0.05, 0.1, 0.2)   # the paper's p values for D_H (docs/paper.md
 
 
 def read_harmful(path: str | Path) -> Records:
-    """Harmful (question, answer) pairs: AdvBench's goal,target CSV or any instruction/output file."""
-    return read_records(path, layouts=("advbench", "alpaca", "qa", "prompt"), dedupe=True)
+    """Harmful (question, answer) pairs: AdvBench's goal,target CSV or any instruction/output file.
+
+    A BeaverTails-style file (``prompt``, ``response``, ``is_safe``) keeps only its unsafe pairs:
+    a safe response taught as "harmful" would dilute the attack."""
+    from .core.data import read_located_rows
+
+    recs = read_records(path, layouts=("advbench", "alpaca", "qa", "prompt"), dedupe=True)
+    safe = {(str(r.get("prompt")), str(r.get("response"))) for _, r in read_located_rows(path)
+            if isinstance(r, dict) and str(r.get("is_safe")).lower() in ("true", "1")}
+    if safe:
+        recs.rows = [r for r in recs.rows if (r["instruction"], r["output"]) not in safe]
+    return recs
 
 
 # --------------------------------------------------------------------------- the registry
