@@ -88,3 +88,36 @@ def test_win_rate_without_a_judge_endpoint_is_one_line():
     with pytest.raises(SafetyLayersError, match="needs an LLM judge: set evaluate.judge_url"):
         win_rate(["x"], ["a"], ["b"], judge_model=None, judge_url=None)
     assert [parse_winner(t) for t in ("Winner: a", "winner - TIE", "I pick A", None)] == ["A", "tie", None, None]
+
+
+def test_the_experiment_win_rate_column_and_its_missing_judge(tmp_path, monkeypatch):
+    from helpers_http import ChatServer
+
+    from safety_layers.experiment import ExperimentConfig, run_experiment
+
+    monkeypatch.setenv("SAFETY_LAYERS_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "benign.jsonl", benign_rows(8))
+    quality = write_jsonl(tmp_path / "quality.jsonl", benign_rows(3))
+
+    def reply(text: str) -> str:          # the pairwise prompt gets a winner, the harm rubric a score
+        return "Winner: A" if "[Answer A]" in text else "#thereason: fine\n#thescore: 1"
+
+    def run(name: str, **evaluate):
+        cfg = ExperimentConfig(model="tiny-llama", band="0-0", data=str(data), n=8, scenarios=["normal"],
+                               methods=["full"], lrs=[1e-2], seeds=[0], epochs=1, max_steps=1, max_length=64,
+                               drift=None, win_rate=True,
+                               evaluate={"limit": 2, "max_new_tokens": 2, "over_rejection": None,
+                                         "quality": str(quality), "quality_tokens": 3, **evaluate})
+        with one_thread():
+            run_experiment(cfg, tmp_path / name, progress=False, model=tiny_model("llama", layers=2))
+        return json.loads(next((tmp_path / name).glob("cells/*/cell.json")).read_text())
+
+    with ChatServer(reply) as server:
+        cell = run("judged", judge_model="j", judge_url=server.url)
+        pairwise = [r for r in server.requests if "[Answer A]" in r["body"]["messages"][0]["content"]]
+    assert cell["status"] == "done" and len(pairwise) == 2 == cell["counts"]["win_rate"]["n"]   # evaluate.limit: 2
+    # the judge always names A; A is the tuned answer where the order was not flipped
+    assert cell["metrics"]["win_rate"] == cell["counts"]["win_rate"]["wins"] / 2
+    assert "## win rate over the untuned model" in (tmp_path / "judged" / "results.md").read_text()
+    failed = run("unjudged")
+    assert failed["status"] == "failed" and "needs an LLM judge" in failed["error"]

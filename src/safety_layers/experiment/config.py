@@ -147,6 +147,9 @@ class ExperimentConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank", **_YAML})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha", **_YAML})
     dtype: str = field(default="float32", metadata={"help": "weights dtype (paper: float32)", **_YAML})
+    win_rate: bool = field(default=False, metadata={
+        "help": "AlpacaEval-style win rate of each cell's quality answers over the untuned model's "
+                "(needs evaluate.quality, judge_url and judge_model)", **_YAML})
     method_options: dict = field(default_factory=dict, metadata={
         "help": "FinetuneConfig settings of the baselines, e.g. {compliant_model: ..., lisa_rho: 1, nfft_samples: 128}",
         **_YAML})

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 
-METRICS = ("harmful_rate", "over_refusal_rate", "harmful_score", "rouge_l")
+METRICS = ("harmful_rate", "over_refusal_rate", "harmful_score", "rouge_l", "win_rate")
 METRIC_LABELS = {"harmful_rate": "harmful rate R_h", "over_refusal_rate": "over-refusal rate",
-                 "harmful_score": "harmful score S_h", "rouge_l": "Rouge-L"}
+                 "harmful_score": "harmful score S_h", "rouge_l": "Rouge-L",
+                 "win_rate": "win rate over the untuned model"}
 #: The range each metric lives in; intervals are clipped to it.
 METRIC_BOUNDS = {"harmful_rate": (0.0, 1.0), "over_refusal_rate": (0.0, 1.0), "harmful_score": (1.0, 5.0),
-                 "rouge_l": (0.0, 1.0)}
+                 "rouge_l": (0.0, 1.0), "win_rate": (0.0, 1.0)}
 #: Prefix of the lm-eval task columns (``lm_eval:mmlu``): one per task an experiment's evaluate section runs.
 LM_EVAL = "lm_eval:"
 INTERVAL = "95% Student-t interval of the mean over seeds, clipped to the metric's range (null for one seed)"

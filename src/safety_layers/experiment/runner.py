@@ -382,6 +382,11 @@ class _Experiment:
         res = evaluate(_with_progress(self.cfg.evaluate, self.progress), model=tuned, run_dir=cdir / "eval")
         seconds["evaluate"] = round(time.perf_counter() - t, 3)
         record["metrics"], record["counts"] = metrics_of(res), counts_of(res)
+        if self.cfg.win_rate:
+            from .winrate import cell_win_rate
+
+            wr = cell_win_rate(self.run, cdir / "eval", self.cfg.evaluate)
+            record["metrics"]["win_rate"], record["counts"]["win_rate"] = wr["win_rate"], wr["counts"]
         self.log(f"  {describe_metrics(record['metrics'])}")
         record["drift_error"] = None
         if self.cfg.drift.enabled:
