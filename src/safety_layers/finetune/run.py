@@ -14,6 +14,10 @@ Methods (``FinetuneConfig.method``):
     PEFT LoRA on every decoder layer (a baseline the paper does not run).
 ``sppft-lora``
     LoRA on every layer except the band: the band gets no adapter at all.
+``nfft``, ``lisa``, ``rdpo``, ``rdpo-sppft``
+    the paper's baselines (docs/baselines.md): Wei et al.'s safety-critical weights frozen, as
+    many as the band holds (:mod:`.nfft`); Lisa's bi-state training (:mod:`.lisa`); reverse DPO,
+    plain and with the band frozen (:mod:`.rdpo`).
 
 Training runs on the stock Hugging Face ``Trainer``, so ``TrainingArguments`` pass
 through and accelerate, torchrun, DeepSpeed and FSDP launch it as usual; the
