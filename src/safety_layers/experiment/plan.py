@@ -48,7 +48,7 @@ def _prompts(cfg) -> int | None:
     from ..finetune.baseline_data import alignment_examples
 
     try:
-        return len(alignment_examples(cfg.method_options.get("alignment_data")))
+        return len(alignment_examples(cfg.method_options.get("alignment_data"), cfg.method_options.get("rdpo_prompts")))
     except Exception:  # noqa: BLE001 - a dry run reports what it cannot count instead of failing
         return None
 

@@ -27,7 +27,7 @@ LORA_METHODS = ("lora", "sppft-lora")
 #: FinetuneConfig settings of the baselines (an experiment's ``method_options``).
 BASELINE_FIELDS = ("alignment_data", "nfft_utility_top", "nfft_samples", "nfft_utility", "nfft_scores",
                    "lisa_alignment_steps", "lisa_finetune_steps", "lisa_rho", "compliant_model", "rdpo_beta",
-                   "rdpo_tokens", "rdpo_pairs")
+                   "rdpo_tokens", "rdpo_prompts", "rdpo_pairs")
 #: Methods that train on something else than ``data`` (reverse DPO: preference pairs it builds).
 DATALESS_METHODS = ("rdpo", "rdpo-sppft")
 
@@ -102,6 +102,8 @@ class FinetuneConfig:
     rdpo_beta: float = field(default=0.1, metadata={"help": "rdpo: DPO beta (TRL's default)", "cli": False})
     rdpo_tokens: int = field(default=128, metadata={
         "help": "rdpo: tokens generated for each compliant reply", "cli": False})
+    rdpo_prompts: int | None = field(default=None, metadata={
+        "help": "rdpo: malicious prompts the pairs are built from (None: all of the alignment data)", "cli": False})
     rdpo_pairs: str | None = field(default=None, metadata={
         "help": "rdpo: preference pairs file, built once, reused (default <output_dir>/rdpo_pairs.jsonl)",
         "cli": False})
@@ -123,8 +125,8 @@ class FinetuneConfig:
     def _check_baselines(self) -> None:
         if self.nfft_utility_top is not None and not 0 < self.nfft_utility_top < 1:
             raise SafetyLayersError(f"nfft_utility_top is a share in (0, 1), got {self.nfft_utility_top}")
-        if self.nfft_samples < 1 or self.rdpo_tokens < 1:
-            raise SafetyLayersError("nfft_samples and rdpo_tokens must be at least 1")
+        if self.nfft_samples < 1 or self.rdpo_tokens < 1 or (self.rdpo_prompts is not None and self.rdpo_prompts < 1):
+            raise SafetyLayersError("nfft_samples, rdpo_tokens and rdpo_prompts must be at least 1")
         if self.lisa_alignment_steps < 0 or self.lisa_finetune_steps < 1 or self.lisa_rho < 0:
             raise SafetyLayersError("lisa needs lisa_alignment_steps >= 0, lisa_finetune_steps >= 1 and lisa_rho >= 0")
         if self.rdpo_beta <= 0:

@@ -110,7 +110,7 @@ class RDPO(MethodModule):
         info = {"pairs_file": str(path), "pairs_reused": path.is_file()}
         if not path.is_file():
             info.update(self._generate(ctx, template, path))
-        pairs = read_pairs(path)[: cfg.limit] if cfg.limit else read_pairs(path)
+        pairs = read_pairs(path)
         rows = [{"prompt": render(lm.tokenizer, p["prompt"], template).text, "chosen": p["chosen"],
                  "rejected": p["rejected"]} for p in pairs]
         model, plan, frozen = apply_method(lm, as_method(cfg, "sppft" if self.freeze_band else "full"), ctx.band,
@@ -134,7 +134,7 @@ class RDPO(MethodModule):
 
         name = self._compliant_name(ctx.cfg)
         compliant = load_model(name, dtype=ctx.cfg.dtype)
-        examples = alignment_examples(ctx.cfg.alignment_data, ctx.cfg.limit, 0)
+        examples = alignment_examples(ctx.cfg.alignment_data, ctx.cfg.rdpo_prompts, 0)
         return build_pairs(compliant, examples, ctx.cfg.rdpo_tokens, template, path)
 
 
