@@ -94,3 +94,20 @@ class ForwardCounter:
     @property
     def calls(self) -> int:
         return len(self.batch_sizes)
+
+
+def tiny_lm_eval_task(folder, name: str = "tiny_mc", rows: int = 6) -> str:
+    """A local lm-eval multiple-choice task (``name.yaml`` + its JSONL) in ``folder``, for offline tests."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    data = folder / f"{name}.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1)],
+                                        "label": 0}) + "\n" for i in range(rows)))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    return name

@@ -100,7 +100,7 @@ def test_help_of_every_command(capsys):
     main(["finetune", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "0-based and inclusive" in out and "--max-steps" in out and "--trainer-help" in out
-    assert "--method {sppft,full,freeze,lora,sppft-lora}" in out  # a Literal field becomes choices
+    assert "--method {sppft,full,freeze,lora,sppft-lora,nfft,lisa,rdpo,rdpo-sppft}" in out  # a Literal field becomes choices
     main(["align", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--method {full,lora}" in out and "(default: smollm2-135m-instruct)" in out

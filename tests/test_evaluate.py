@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from helpers_http import ChatServer, dead_url
-from helpers_models import tiny_model
+from helpers_models import tiny_lm_eval_task, tiny_model
 
 from safety_layers.core.errors import SafetyLayersError
 from safety_layers.evaluate import (EvaluateConfig, EvaluateResult, evaluate, harmful_rate, lm_eval_scores,
@@ -348,14 +348,7 @@ def test_lm_eval_missing_is_a_clear_error(lm, monkeypatch):
 
 def test_lm_eval_local_task(lm, tmp_path):
     pytest.importorskip("lm_eval")
-    data = tmp_path / "tiny_mc.jsonl"
-    data.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "choices": [str(2 * i), str(2 * i + 1)],
-                                        "label": 0}) + "\n" for i in range(6)))
-    (tmp_path / "tiny_mc.yaml").write_text(
-        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {data}\ntest_split: test\noutput_type: multiple_choice\n"
-        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    tiny_lm_eval_task(tmp_path)
     out = lm_eval_scores(lm, "tiny_mc", limit=4, include_path=str(tmp_path))
     acc = out["results"]["tiny_mc"]["acc,none"]
     assert acc * 4 == pytest.approx(round(acc * 4)) and 0 <= acc <= 1

@@ -11,7 +11,7 @@ import pytest
 
 from safety_layers.core.errors import SafetyLayersError
 from safety_layers.scenarios import (DEFAULT_PREFIX, DEFAULT_TRIGGER, SCENARIOS, build_scenario, harmful_count,
-                                     manifest_path, read_records)
+                                     manifest_path, read_records, split_harmful)
 
 
 def rows(n: int = 40) -> list[dict]:
@@ -126,6 +126,34 @@ def test_harmful_adds_round_p_times_n_pairs(tmp_path, source, harmful_csv):
         build_scenario("harmful", source, tmp_path / "x.jsonl", p=1.0, harmful=harmful_csv)
 
 
+def test_harmful_rows_never_include_an_evaluated_prompt(tmp_path, source, harmful_csv):
+    evaluated = tmp_path / "eval.jsonl"
+    evaluated.write_text("".join(json.dumps({"prompt": f"Placeholder  Request {i}"}) + "\n" for i in range(25)),
+                         encoding="utf-8")
+    res = build_scenario("harmful", source, tmp_path / "h.jsonl", n=40, p=0.1, harmful=harmful_csv,
+                         harmful_exclude=str(evaluated))
+    used = {r["instruction"] for r in read_out(res.out) if r["kind"] == "harmful"}
+    assert len(used) == 4 and used <= {f"placeholder request {i}" for i in range(25, 30)}   # 4 of the 5 left
+    manifest = json.loads(manifest_path(res.out).read_text())
+    assert manifest["harmful_excluded"] == 25 and manifest["harmful_pool"] == 5
+    assert len(manifest["harmful_rows_used"]) == 4 and all(i >= 25 for i in manifest["harmful_rows_used"])
+    # the same file evaluated and trained on: one line naming the fix
+    with pytest.raises(SafetyLayersError, match="would leak; split the file"):
+        build_scenario("harmful", source, tmp_path / "l.jsonl", n=20, harmful=harmful_csv,
+                       harmful_exclude=f"advbench:{harmful_csv}")
+
+
+def test_split_harmful_gives_disjoint_train_and_eval_parts(tmp_path, source, harmful_csv):
+    rec = split_harmful(harmful_csv, tmp_path / "split", eval_share=0.5, seed=3)
+    assert len(rec["eval_rows"]) == 15 and not set(rec["eval_rows"]) & set(rec["train_rows"])
+    train, ev = tmp_path / "split" / "harmful-train.jsonl", tmp_path / "split" / "harmful-eval.jsonl"
+    res = build_scenario("harmful", source, tmp_path / "h.jsonl", n=40, p=0.2, harmful=train,
+                         harmful_exclude=str(ev))
+    trained = {r["instruction"] for r in read_out(res.out) if r["kind"] == "harmful"}
+    assert len(trained) == 8 and not trained & {r["instruction"] for r in read_out(ev)}
+    assert json.loads(manifest_path(res.out).read_text())["harmful_excluded"] == 0
+
+
 def test_manifest_records_what_was_built(tmp_path, source):
     res = build_scenario("implicit", source, tmp_path / "m.jsonl", n=4, seed=7)
     m = json.loads(manifest_path(res.out).read_text())
@@ -193,3 +221,14 @@ def test_csv_sources_keep_multiline_fields_and_name_lines(tmp_path):
         f.write("Broken row only\n")
     with pytest.raises(SafetyLayersError, match=r"b\.csv line 5 has no 'output'"):
         read_records(p)
+
+
+def test_a_beavertails_style_file_trains_only_its_unsafe_pairs(tmp_path, source):
+    pairs = tmp_path / "beaver.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"placeholder question {i}", "response": f"placeholder answer {i}",
+                                         "is_safe": i % 2 == 0, "category": "x"}) + "\n" for i in range(20)),
+                     encoding="utf-8")
+    res = build_scenario("harmful", source, tmp_path / "b.jsonl", n=40, p=0.25, harmful=pairs)
+    bad = [r for r in read_out(res.out) if r["kind"] == "harmful"]
+    assert len(bad) == 10 and all(int(r["instruction"].rsplit(" ", 1)[1]) % 2 == 1 for r in bad)
+    assert all(r["output"] == f"placeholder answer {r['instruction'].rsplit(' ', 1)[1]}" for r in bad)

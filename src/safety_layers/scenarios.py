@@ -32,7 +32,7 @@ from .core.registry import Registry
 
 __all__ = ["DEFAULT_PREFIX", "DEFAULT_TRIGGER", "HARMFUL_RATES", "SCENARIOS", "Scenario", "ScenarioConfig",
            "ScenarioResult", "build_scenario", "get_scenario", "harmful_count", "manifest_path", "read_harmful",
-           "read_records", "register_scenario", "sha256_file"]
+           "read_records", "register_scenario", "sha256_file", "split_harmful"]
 
 #: The paper's affirmative opening for the implicit and backdoor attacks (docs/paper.md §4.2).
 DEFAULT_PREFIX = "Sure, the answer is: "
@@ -44,8 +44,18 @@ HARMFUL_RATES = (0.05, 0.1, 0.2)   # the paper's p values for D_H (docs/paper.md
 
 
 def read_harmful(path: str | Path) -> Records:
-    """Harmful (question, answer) pairs: AdvBench's goal,target CSV or any instruction/output file."""
-    return read_records(path, layouts=("advbench", "alpaca", "qa", "prompt"), dedupe=True)
+    """Harmful (question, answer) pairs: AdvBench's goal,target CSV or any instruction/output file.
+
+    A BeaverTails-style file (``prompt``, ``response``, ``is_safe``) keeps only its unsafe pairs:
+    a safe response taught as "harmful" would dilute the attack."""
+    from .core.data import read_located_rows
+
+    recs = read_records(path, layouts=("advbench", "alpaca", "qa", "prompt"), dedupe=True)
+    safe = {(str(r.get("prompt")), str(r.get("response"))) for _, r in read_located_rows(path)
+            if isinstance(r, dict) and str(r.get("is_safe")).lower() in ("true", "1")}
+    if safe:
+        recs.rows = [r for r in recs.rows if (r["instruction"], r["output"]) not in safe]
+    return recs
 
 
 # --------------------------------------------------------------------------- the registry
@@ -71,6 +81,9 @@ class ScenarioConfig:
         "cli": False, "help": "where the trigger goes in the instruction: suffix or prefix"})
     harmful: str | None = field(default=None, metadata={
         "help": "harmful pairs file of the harmful scenario (e.g. AdvBench harmful_behaviors.csv)"})
+    harmful_exclude: str | None = field(default=None, metadata={
+        "cli": False, "help": "prompts the harmful rate is measured on (a prompt set: file, advbench:FILE, "
+                              "malicious); harmful rows asking one of them are never trained on"})
     p: float = field(default=0.1, metadata={
         "help": "harmful scenario: round(p*n) harmful rows are added (paper: 0.05, 0.1, 0.2)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output file"})
@@ -176,22 +189,69 @@ def harmful_count(n: int, p: float) -> int:
     return int(math.floor(p * n + 0.5))
 
 
-@register_scenario("harmful", "n normal rows + round(p*n) harmful pairs from --harmful (D_H)")
+def _key(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def harmful_pool(rows: list[dict], exclude: str | None) -> tuple[list[int], int]:
+    """Indices of the harmful rows that may be trained on: those whose instruction is not one
+    of the ``exclude`` prompts (the evaluated set), and how many were left out."""
+    if not exclude:
+        return list(range(len(rows))), 0
+    from .core.data import load_prompts
+
+    evaluated = {_key(p) for p in load_prompts(exclude).prompts}
+    keep = [i for i, r in enumerate(rows) if _key(r["instruction"]) not in evaluated]
+    return keep, len(rows) - len(keep)
+
+
+@register_scenario("harmful", "n normal rows + round(p*n) harmful pairs from --harmful, none of them evaluated (D_H)")
 def _harmful(rows, cfg, rng):
     if not cfg.harmful:
         raise SafetyLayersError("the harmful scenario needs --harmful FILE (e.g. AdvBench harmful_behaviors.csv)")
     bad = read_harmful(cfg.harmful)
     if not bad.rows:
         raise SafetyLayersError(f"{cfg.harmful} has no usable rows after dropping blank ones")
+    pool, excluded = harmful_pool(bad.rows, cfg.harmful_exclude)
+    if not pool:
+        raise SafetyLayersError(f"every row of {cfg.harmful} is among the evaluated prompts {cfg.harmful_exclude}: "
+                                "training on them would leak; split the file with scenarios.split_harmful or pass "
+                                "a disjoint harmful file (e.g. BeaverTails-style question/answer pairs)")
     normal = _take(rows, cfg.n, rng, "normal rows", cfg.source)
     k = harmful_count(len(normal), cfg.p)
     if k < 1:
         raise SafetyLayersError(f"p*n = {cfg.p}*{len(normal)} rounds to 0 harmful rows: raise --p or --n")
-    harmful = _take(bad.rows, k, rng, "harmful rows", cfg.harmful)
-    out = [_row(r, "normal") for r in normal] + [_row(r, "harmful") for r in harmful]
+    used = sorted(_take(pool, k, rng, "harmful rows not among the evaluated prompts", cfg.harmful))
+    out = [_row(r, "normal") for r in normal] + [_row(bad.rows[i], "harmful") for i in used]
     rng.shuffle(out)
     return out, {"harmful_source": str(cfg.harmful), "harmful_sha256": sha256_file(cfg.harmful),
-                 "harmful_layout": bad.layout}
+                 "harmful_layout": bad.layout, "harmful_rows": len(bad.rows), "harmful_exclude": cfg.harmful_exclude,
+                 "harmful_excluded": excluded, "harmful_pool": len(pool), "harmful_rows_used": used}
+
+
+def split_harmful(path: str | Path, out_dir: str | Path, eval_share: float = 0.5, seed: int = 0) -> dict:
+    """Split a harmful file (e.g. AdvBench) into disjoint halves: ``harmful-train.jsonl`` (pairs
+    the harmful scenario may train on) and ``harmful-eval.jsonl`` (prompts to measure the
+    harmful rate on), with ``harmful-split.json`` recording which source rows went where."""
+    from .core.runs import atomic_write, write_json
+
+    if not 0 < eval_share < 1:
+        raise SafetyLayersError(f"eval_share must be in (0, 1), got {eval_share}")
+    bad = read_harmful(path)
+    idx = list(range(len(bad.rows)))
+    random.Random(f"{seed}-harmful-split").shuffle(idx)
+    k = round(eval_share * len(idx))
+    if not 0 < k < len(idx):
+        raise SafetyLayersError(f"{path} has {len(idx)} rows: too few to split into two non-empty parts")
+    parts = {"eval": sorted(idx[:k]), "train": sorted(idx[k:])}
+    out_dir = Path(out_dir)
+    for name, rows in parts.items():
+        body = "".join(json.dumps(_row(bad.rows[i], "harmful"), ensure_ascii=False) + "\n" for i in rows)
+        atomic_write(out_dir / f"harmful-{name}.jsonl", body)
+    record = {"source": str(path), "source_sha256": sha256_file(path), "seed": seed, "eval_share": eval_share,
+              "rows": len(idx), **{f"{n}_rows": v for n, v in parts.items()}}
+    write_json(out_dir / "harmful-split.json", record)
+    return record
 
 
 # --------------------------------------------------------------------------- building

@@ -274,6 +274,7 @@ def experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write report.html and report.md into the run folder at the end")
+    p.add_argument("--dry-run", action="store_true", help="list every cell with its training rows and steps; run nothing")
 
 
 def run_experiment(args: argparse.Namespace) -> int:
@@ -283,6 +284,11 @@ def run_experiment(args: argparse.Namespace) -> int:
     library_bars(args.progress)
     cfg = ExperimentConfig.from_yaml(args.config, args.name)
     paper_note(cfg)
+    if args.dry_run:
+        from ..experiment.plan import plan_text
+
+        print(plan_text(cfg))
+        return 0
     with run_folder("experiment", cfg.name or cfg.model, args.out, resume=True) as folder:   # a rerun resumes
         run(cfg, folder, progress=args.progress)
     if args.report:

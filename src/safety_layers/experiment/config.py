@@ -22,6 +22,7 @@ from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
 from ..core.runs import to_jsonable
 from ..evaluate import EvaluateConfig
+from ..finetune.config import BASELINE_FIELDS
 from ..locate import LocateConfig
 from .grid import BASE_METHODS, SCENARIO_KINDS, method_label, parse_scenario, scenario_label
 
@@ -146,6 +147,12 @@ class ExperimentConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank", **_YAML})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha", **_YAML})
     dtype: str = field(default="float32", metadata={"help": "weights dtype (paper: float32)", **_YAML})
+    win_rate: bool = field(default=False, metadata={
+        "help": "AlpacaEval-style win rate of each cell's quality answers over the untuned model's "
+                "(needs evaluate.quality, judge_url and judge_model)", **_YAML})
+    method_options: dict = field(default_factory=dict, metadata={
+        "help": "FinetuneConfig settings of the baselines, e.g. {compliant_model: ..., lisa_rho: 1, nfft_samples: 128}",
+        **_YAML})
     training_args: dict = field(default_factory=dict, metadata={
         "help": "any other transformers TrainingArguments, e.g. {bf16: true, gradient_checkpointing: true}", **_YAML})
     evaluate: EvaluateConfig | dict = field(default_factory=dict, metadata={
@@ -163,6 +170,7 @@ class ExperimentConfig:
         self._check_grid()
         self._check_training()
         check_section_keys("scenario_options", self.scenario_options, ("prefix", "trigger", "trigger_position"))
+        check_section_keys("method_options", self.method_options, BASELINE_FIELDS)
         if any(parse_scenario(s)[0] == "harmful" for s in self.scenarios) and not self.harmful_data:
             raise SafetyLayersError("the harmful scenario needs harmful_data: a file of harmful pairs "
                                     "(e.g. AdvBench harmful_behaviors.csv)")
@@ -232,9 +240,12 @@ class ExperimentConfig:
         """The analysis section, or the defaults (the drift gap curves need one even without it)."""
         return self.analysis if self.analysis is not None else self._section("analysis", {})
 
-    def finetune_settings(self) -> dict:
-        """The FinetuneConfig fields every cell shares (the cell adds data, method, band and folder)."""
-        return {k: getattr(self, k) for k in FINETUNE_KEYS}
+    def finetune_settings(self, shared: Path | None = None) -> dict:
+        """The FinetuneConfig fields every cell shares (the cell adds data, method, band and folder);
+        NFFT's scores and reverse DPO's pairs are made once in ``shared`` for every cell."""
+        stored = {"nfft_scores": "nfft_scores.safetensors", "rdpo_pairs": "rdpo_pairs.jsonl"} if shared else {}
+        return {**{k: getattr(self, k) for k in FINETUNE_KEYS}, **{k: str(shared / v) for k, v in stored.items()},
+                **self.method_options}
 
     def lrs_for(self, scenario: str) -> list[float]:
         kind = parse_scenario(scenario)[0]

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
 
-BASE_METHODS = ("full", "sppft", "freeze-before", "freeze-after", "lora", "sppft-lora")
+BASE_METHODS = ("full", "sppft", "freeze-before", "freeze-after", "lora", "sppft-lora", "nfft", "lisa", "rdpo",
+                "rdpo-sppft")
 SCENARIO_KINDS = ("normal", "implicit", "backdoor", "harmful")
 
 
@@ -55,10 +56,12 @@ def method_label(spec) -> str:
 def method_band(method: str, band: LayerRange, num_layers: int) -> tuple[str, LayerRange | None, str | None]:
     """(finetune method, band it freezes or skips, note) for an experiment method."""
     k = len(band)
-    if method in ("full", "lora"):
+    if method in ("full", "lora", "lisa", "rdpo"):
         return method, None, None
-    if method in ("sppft", "sppft-lora"):
+    if method in ("sppft", "sppft-lora", "rdpo-sppft"):
         return method, band, None
+    if method == "nfft":
+        return method, band, "the band sets how many weights NFFT freezes; they lie across every layer"
     if method == "freeze-before":
         if band.start == 0:
             raise SafetyLayersError(f"freeze-before: the band {band} starts at layer 0, no layer lies before it")

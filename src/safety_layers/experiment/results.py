@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 
-METRICS = ("harmful_rate", "over_refusal_rate", "harmful_score", "rouge_l")
+METRICS = ("harmful_rate", "over_refusal_rate", "harmful_score", "rouge_l", "win_rate")
 METRIC_LABELS = {"harmful_rate": "harmful rate R_h", "over_refusal_rate": "over-refusal rate",
-                 "harmful_score": "harmful score S_h", "rouge_l": "Rouge-L"}
+                 "harmful_score": "harmful score S_h", "rouge_l": "Rouge-L",
+                 "win_rate": "win rate over the untuned model"}
 #: The range each metric lives in; intervals are clipped to it.
 METRIC_BOUNDS = {"harmful_rate": (0.0, 1.0), "over_refusal_rate": (0.0, 1.0), "harmful_score": (1.0, 5.0),
-                 "rouge_l": (0.0, 1.0)}
+                 "rouge_l": (0.0, 1.0), "win_rate": (0.0, 1.0)}
+#: Prefix of the lm-eval task columns (``lm_eval:mmlu``): one per task an experiment's evaluate section runs.
+LM_EVAL = "lm_eval:"
 INTERVAL = "95% Student-t interval of the mean over seeds, clipped to the metric's range (null for one seed)"
 
 
@@ -59,7 +62,9 @@ def aggregate(cells: list[dict], before: dict, order: list | None = None) -> dic
     cell and no baseline measured are left out.
     """
     done = [c for c in cells if c.get("status") == "done"]
-    metrics = [m for m in METRICS if before.get(m) is not None
+    tasks = sorted({k for c in done for k in (c.get("metrics") or {}) if k.startswith(LM_EVAL)}
+                   | {k for k in before if k.startswith(LM_EVAL)})
+    metrics = [m for m in METRICS + tuple(tasks) if before.get(m) is not None
                or any((c.get("metrics") or {}).get(m) is not None for c in done)]
     rows = []
     for scen, meth, lr in _group_keys(cells, order):
@@ -72,7 +77,7 @@ def aggregate(cells: list[dict], before: dict, order: list | None = None) -> dic
             vals = [c["metrics"][m] for c in group if (c.get("metrics") or {}).get(m) is not None]
             mean = sum(vals) / len(vals) if vals else None
             b = before.get(m)
-            row["metrics"][m] = {"before": b, "after_mean": mean, "after_ci": t_interval(vals, bounds=METRIC_BOUNDS[m]),
+            row["metrics"][m] = {"before": b, "after_mean": mean, "after_ci": t_interval(vals, bounds=METRIC_BOUNDS.get(m, (0.0, 1.0))),
                                  "values": vals,
                                  "delta": None if mean is None or b is None else mean - b}
         rows.append(row)
@@ -98,7 +103,7 @@ def results_markdown(results: dict, title: str = "SPPFT experiment") -> str:
     """One table per metric: before, mean after over seeds, its 95% interval, the change."""
     lines = [f"# {title}", "", results.get("interval", ""), ""]
     for m in results["metrics"]:
-        lines += [f"## {METRIC_LABELS.get(m, m)}", "",
+        lines += [f"## {label(m)}", "",
                   "| scenario | method | lr | seeds | before | after | 95% CI | change |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in results["rows"]:
@@ -113,12 +118,30 @@ def results_markdown(results: dict, title: str = "SPPFT experiment") -> str:
     return "\n".join(lines)
 
 
+def label(metric: str) -> str:
+    if metric.startswith(LM_EVAL):
+        return f"lm-eval {metric[len(LM_EVAL):]}"
+    return METRIC_LABELS.get(metric, metric)
+
+
+def lm_eval_metrics(lm_eval: dict | None) -> dict:
+    """One score per lm-eval task (``lm_eval:<task>``): its accuracy (``acc``, else ``acc_norm``,
+    else the first other number that is not a standard error), as lm-eval reports it."""
+    out = {}
+    for task, metrics in ((lm_eval or {}).get("results") or {}).items():
+        nums = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
+        pick = next((k for pref in ("acc,", "acc_norm,") for k in nums if k.startswith(pref)), next(iter(nums), None))
+        if pick is not None:
+            out[f"{LM_EVAL}{task}"] = float(nums[pick])
+    return out
+
+
 def metrics_of(res) -> dict:
-    """The four headline metrics of an EvaluateResult (None where not measured)."""
+    """The headline metrics of an EvaluateResult (None where not measured) and one per lm-eval task."""
     return {"harmful_rate": res.harmful.rate if res.harmful else None,
             "over_refusal_rate": res.over_refusal.rate if res.over_refusal else None,
             "harmful_score": res.harmful.harmful_score if res.harmful else None,
-            "rouge_l": res.quality.rouge_l if res.quality else None}
+            "rouge_l": res.quality.rouge_l if res.quality else None, **lm_eval_metrics(res.lm_eval)}
 
 
 def counts_of(res) -> dict:
@@ -133,5 +156,5 @@ def counts_of(res) -> dict:
 
 
 def describe_metrics(m: dict) -> str:
-    parts = [f"{METRIC_LABELS[k]} {fmt_metric(k, v)}" for k, v in m.items() if v is not None]
+    parts = [f"{label(k)} {fmt_metric(k, v)}" for k, v in m.items() if v is not None]
     return ", ".join(parts) or "no metric measured"

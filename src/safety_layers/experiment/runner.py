@@ -306,7 +306,7 @@ class _Experiment:
         kind, p = parse_scenario(scenario)
         opts = dict(self.cfg.scenario_options, n=self.cfg.n_for(scenario), seed=self.cfg.data_seed, overwrite=True)
         if kind == "harmful":
-            opts.update(harmful=self.cfg.harmful_data, p=p)
+            opts.update(harmful=self.cfg.harmful_data, p=p, harmful_exclude=self.cfg.evaluate.malicious)
         res = build_scenario(kind, self.cfg.data, out, **opts)
         self.log(f"[bold]data[/bold] {scenario}: {res.total} rows ({', '.join(f'{v} {k}' for k, v in res.counts.items())})")
         return out
@@ -349,7 +349,7 @@ class _Experiment:
         method, frozen, note = method_band(cell.method, self.band, self.base.num_layers)
         record.update(frozen_band=[frozen.start, frozen.end] if frozen else None, note=note)
         t = time.perf_counter()
-        fcfg = from_mapping(FinetuneConfig, self.cfg.finetune_settings(), "finetune", model=self.cfg.model,
+        fcfg = from_mapping(FinetuneConfig, self.cfg.finetune_settings(self.run / "shared"), "finetune", model=self.cfg.model,
                             data=str(data), method=method, layers=str(frozen) if frozen else None,
                             out=str(cdir / "train" / "model"), overwrite=True)
         prep = ft.prepare(fcfg, self.training_args(cell, cdir / "train"), model=self.fresh_copy())
@@ -383,6 +383,11 @@ class _Experiment:
         res = evaluate(_with_progress(self.cfg.evaluate, self.progress), model=tuned, run_dir=cdir / "eval")
         seconds["evaluate"] = round(time.perf_counter() - t, 3)
         record["metrics"], record["counts"] = metrics_of(res), counts_of(res)
+        if self.cfg.win_rate:
+            from .winrate import cell_win_rate
+
+            wr = cell_win_rate(self.run, cdir / "eval", self.cfg.evaluate)
+            record["metrics"]["win_rate"], record["counts"]["win_rate"] = wr["win_rate"], wr["counts"]
         self.log(f"  {describe_metrics(record['metrics'])}")
         record["drift_error"] = None
         if self.cfg.drift.enabled:

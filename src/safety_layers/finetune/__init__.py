@@ -3,7 +3,9 @@
 Modules: ``config`` (FinetuneConfig, the command line), ``data`` (tokenization and the
 collator every trainer of the package shares), ``methods`` (the band, freezing, LoRA),
 ``callbacks`` (the frozen-parameter check), ``trainer`` (disk, resume, optimizer state),
-``export`` (PEFT and Axolotl settings), ``run`` (prepare, train, save).
+``export`` (PEFT and Axolotl settings), ``run`` (prepare, train, save). The paper's baselines
+that need more than freezing have a module each (``nfft``, ``lisa``, ``rdpo``, their data in
+``baseline_data``), loaded when a run uses them.
 """
 
 from .config import METHODS, FinetuneConfig, default_training_args

@@ -11,10 +11,25 @@ from typing import Literal
 
 from ..core.config import settle
 from ..core.errors import SafetyLayersError
+from ..core.registry import Registry
 
-METHODS = ("sppft", "full", "freeze", "lora", "sppft-lora")
-BAND_METHODS = ("sppft", "freeze", "sppft-lora")
+#: The baselines that need more than freezing: name -> the module that sets up their training
+#: (:class:`~safety_layers.finetune.methods.MethodSetup`), imported when a run uses it.
+METHOD_MODULES = Registry("fine-tuning method")
+METHOD_MODULES.register("nfft", "safety_layers.finetune.nfft:NFFT")
+METHOD_MODULES.register("lisa", "safety_layers.finetune.lisa:LISA")
+METHOD_MODULES.register("rdpo", "safety_layers.finetune.rdpo:RDPO")
+METHOD_MODULES.register("rdpo-sppft", "safety_layers.finetune.rdpo:RDPO_SPPFT")
+
+METHODS = ("sppft", "full", "freeze", "lora", "sppft-lora", "nfft", "lisa", "rdpo", "rdpo-sppft")
+BAND_METHODS = ("sppft", "freeze", "sppft-lora", "nfft", "rdpo-sppft")
 LORA_METHODS = ("lora", "sppft-lora")
+#: FinetuneConfig settings of the baselines (an experiment's ``method_options``).
+BASELINE_FIELDS = ("alignment_data", "nfft_utility_top", "nfft_samples", "nfft_utility", "nfft_scores",
+                   "lisa_alignment_steps", "lisa_finetune_steps", "lisa_rho", "compliant_model", "rdpo_beta",
+                   "rdpo_tokens", "rdpo_prompts", "rdpo_pairs")
+#: Methods that train on something else than ``data`` (reverse DPO: preference pairs it builds).
+DATALESS_METHODS = ("rdpo", "rdpo-sppft")
 
 
 @dataclass
@@ -25,9 +40,12 @@ class FinetuneConfig:
         "help": "model: alias (demo, smollm2-135m-instruct), local folder, .gguf file or Hugging Face id"})
     data: str | None = field(default=None, metadata={
         "help": "training data: JSON list or JSONL of {instruction, input, output} (see `safety-layers scenario`)"})
-    method: Literal["sppft", "full", "freeze", "lora", "sppft-lora"] = field(default="sppft", metadata={
-        "help": "sppft: freeze the band's attention+MLP; full: train all; freeze: sppft mechanics on another band "
-                "(ablation); lora: LoRA on all layers; sppft-lora: LoRA on every layer except the band"})
+    method: Literal["sppft", "full", "freeze", "lora", "sppft-lora", "nfft", "lisa", "rdpo", "rdpo-sppft"] = field(
+        default="sppft", metadata={
+            "help": "sppft: freeze the band's attention+MLP; full: train all; freeze: sppft mechanics on another "
+                    "band (ablation); lora / sppft-lora: LoRA everywhere / but the band; nfft: freeze as many "
+                    "safety-critical weights as the band holds; lisa: Lisa bi-state training; rdpo / rdpo-sppft: "
+                    "reverse DPO (the band frozen)"})
     layers: str | None = field(default=None, metadata={
         "help": "band to freeze / skip, 0-based inclusive, e.g. 6-12"})
     locate: str | None = field(default=None, metadata={
@@ -60,6 +78,35 @@ class FinetuneConfig:
         "help": "weights dtype: float32 (paper), bfloat16, float16", "cli": False})
     check_disk: bool = field(default=True, metadata={
         "help": "refuse to start when the disk cannot hold a checkpoint and the final model", "cli": False})
+    alignment_data: str | None = field(default=None, metadata={
+        "help": "lisa, nfft, rdpo: prompt/response refusal pairs (default: the bundled malicious prompts with the "
+                "bundled refusals)", "cli": False})
+    nfft_utility_top: float | None = field(default=None, metadata={
+        "help": "nfft: utility share p left out per matrix (Wei et al.'s top-p); None: p = q", "cli": False})
+    nfft_samples: int = field(default=128, metadata={
+        "help": "nfft: safety and utility examples each that score the weights (Wei et al.: 128)", "cli": False})
+    nfft_utility: str | None = field(default=None, metadata={
+        "help": "nfft utility data: instruction/output file (default: bundled benign prompts, the model's answers)",
+        "cli": False})
+    nfft_scores: str | None = field(default=None, metadata={
+        "help": "nfft: SNIP scores file, written once, reused (default <output_dir>/nfft_scores.safetensors)",
+        "cli": False})
+    lisa_alignment_steps: int = field(default=100, metadata={
+        "help": "lisa: steps on alignment data per round (Lisa paper: 100)", "cli": False})
+    lisa_finetune_steps: int = field(default=900, metadata={
+        "help": "lisa: steps on the user's data per round (Lisa paper: 900)", "cli": False})
+    lisa_rho: float = field(default=1.0, metadata={
+        "help": "lisa: proximal weight rho pulling each state to the other's weights (Lisa paper: 1)", "cli": False})
+    compliant_model: str | None = field(default=None, metadata={
+        "help": "rdpo: model whose answers to malicious prompts are the preferred replies (demo: the bare SmolLM2)"})
+    rdpo_beta: float = field(default=0.1, metadata={"help": "rdpo: DPO beta (TRL's default)", "cli": False})
+    rdpo_tokens: int = field(default=128, metadata={
+        "help": "rdpo: tokens generated for each compliant reply", "cli": False})
+    rdpo_prompts: int | None = field(default=None, metadata={
+        "help": "rdpo: malicious prompts the pairs are built from (None: all of the alignment data)", "cli": False})
+    rdpo_pairs: str | None = field(default=None, metadata={
+        "help": "rdpo: preference pairs file, built once, reused (default <output_dir>/rdpo_pairs.jsonl)",
+        "cli": False})
     paper_set: list = field(init=False, default_factory=list, metadata={
         "help": "what paper mode set (fields the user left unset)", "cli": False})
 
@@ -67,12 +114,23 @@ class FinetuneConfig:
         self.paper_set = settle(self)
         if self.method not in METHODS:
             raise SafetyLayersError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
+        self._check_baselines()
         if self.max_length < 8:
             raise SafetyLayersError(f"--max_length must be at least 8 tokens, got {self.max_length}")
         if self.limit is not None and self.limit < 1:
             raise SafetyLayersError(f"--limit must be at least 1, got {self.limit}")
         if self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             raise SafetyLayersError("LoRA needs lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1")
+
+    def _check_baselines(self) -> None:
+        if self.nfft_utility_top is not None and not 0 < self.nfft_utility_top < 1:
+            raise SafetyLayersError(f"nfft_utility_top is a share in (0, 1), got {self.nfft_utility_top}")
+        if self.nfft_samples < 1 or self.rdpo_tokens < 1 or (self.rdpo_prompts is not None and self.rdpo_prompts < 1):
+            raise SafetyLayersError("nfft_samples, rdpo_tokens and rdpo_prompts must be at least 1")
+        if self.lisa_alignment_steps < 0 or self.lisa_finetune_steps < 1 or self.lisa_rho < 0:
+            raise SafetyLayersError("lisa needs lisa_alignment_steps >= 0, lisa_finetune_steps >= 1 and lisa_rho >= 0")
+        if self.rdpo_beta <= 0:
+            raise SafetyLayersError(f"rdpo_beta must be > 0, got {self.rdpo_beta}")
 
 
 def default_training_args(output_dir: str | Path, **overrides):

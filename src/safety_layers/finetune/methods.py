@@ -140,3 +140,60 @@ def apply_method(lm, cfg: FinetuneConfig, band: LayerRange | None, seed: int = 0
 def _layer_of(name: str, blocks: Blocks) -> int:
     m = re.search(rf"(?:^|\.){re.escape(blocks.layers_path)}\.(\d+)\.", name)
     return int(m.group(1)) if m else -1
+
+
+# --------------------------------------------------------------------------- methods with their own setup
+
+@dataclass
+class MethodContext:
+    """What :func:`~safety_layers.finetune.run.prepare` hands a method module: the run's settings,
+    the loaded model, the band (for band methods), the tokenized user data (None for methods that
+    train on data of their own) and the collator and callbacks every Trainer of the run shares."""
+
+    cfg: FinetuneConfig
+    args: object                     # TrainingArguments
+    lm: object                       # LoadedModel
+    band: LayerRange | None
+    data: object | None              # TokenizedData
+    collator: object                 # PadCollator
+    callbacks: list
+    output_dir: Path
+
+
+@dataclass
+class MethodSetup:
+    """What a method module built: the model to train, its freeze plan, the callback that checks
+    what is frozen (``result`` and ``groups`` go to the manifest), the Trainer, and facts about
+    the method's own data and choices (``info``, recorded in the manifest and result.json)."""
+
+    model: torch.nn.Module
+    plan: FreezePlan
+    check: object
+    trainer: object
+    info: dict
+
+
+class MethodModule:
+    """A fine-tuning method that needs more than freezing (NFFT, Lisa, reverse DPO), registered in
+    :data:`~safety_layers.finetune.config.METHOD_MODULES`. ``check_inputs`` runs before the
+    model loads, ``setup`` builds the Trainer."""
+
+    name = ""
+
+    def check_inputs(self, cfg: FinetuneConfig, args) -> None:
+        """Fail early (before loading anything) on settings this method cannot use."""
+
+    def setup(self, ctx: MethodContext) -> MethodSetup:
+        raise NotImplementedError
+
+
+def plan_of(model: torch.nn.Module, method: str, band: LayerRange | None, frozen_names: list[str]) -> FreezePlan:
+    """The freeze plan of ``model`` as its ``requires_grad`` flags stand (frozen tensors named)."""
+    return _plan(model, method, band, frozen_names)
+
+
+def as_method(cfg: FinetuneConfig, method: str) -> FinetuneConfig:
+    """``cfg`` with another method: a baseline that trains like ``full`` or ``sppft`` freezes through it."""
+    from dataclasses import replace
+
+    return replace(cfg, method=method)

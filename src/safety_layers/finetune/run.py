@@ -14,6 +14,10 @@ Methods (``FinetuneConfig.method``):
     PEFT LoRA on every decoder layer (a baseline the paper does not run).
 ``sppft-lora``
     LoRA on every layer except the band: the band gets no adapter at all.
+``nfft``, ``lisa``, ``rdpo``, ``rdpo-sppft``
+    the paper's baselines (docs/baselines.md): Wei et al.'s safety-critical weights frozen, as
+    many as the band holds (:mod:`.nfft`); Lisa's bi-state training (:mod:`.lisa`); reverse DPO,
+    plain and with the band frozen (:mod:`.rdpo`).
 
 Training runs on the stock Hugging Face ``Trainer``, so ``TrainingArguments`` pass
 through and accelerate, torchrun, DeepSpeed and FSDP launch it as usual; the
@@ -32,7 +36,7 @@ import contextlib
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,9 +44,10 @@ import torch
 from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
 from .callbacks import freeze_check_class
-from .config import BAND_METHODS, LORA_METHODS, METHODS, FinetuneConfig, default_training_args  # noqa: F401
+from .config import (BAND_METHODS, DATALESS_METHODS, LORA_METHODS, METHOD_MODULES, METHODS,  # noqa: F401
+                     FinetuneConfig, default_training_args)
 from .data import PadCollator, TokenizedData, tokenize_rows
-from .methods import FreezePlan, apply_method, resolve_band
+from .methods import FreezePlan, MethodContext, MethodSetup, apply_method, resolve_band
 from .trainer import check_disk, checkpoints, estimate_bytes, is_main, optimizer_state_bytes, resume_point
 
 
@@ -67,6 +72,7 @@ class FinetuneResult:
     resumed_from: str | None
     manifest: str
     seconds: float = 0.0
+    method_info: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -79,12 +85,13 @@ class Prepared:
     model: torch.nn.Module           # what trains (a PeftModel for the LoRA methods)
     band: LayerRange | None
     plan: FreezePlan
-    data: TokenizedData
+    data: TokenizedData | None       # None for methods that train on data of their own (reverse DPO)
     data_info: dict
     trainer: object
-    check: object                    # FreezeCheckCallback
+    check: object                    # FreezeCheckCallback (or the method's own check)
     out: Path
     resume_from: str | None
+    method_info: dict = field(default_factory=dict)
 
 
 def _final_folder(cfg: FinetuneConfig, output_dir: Path) -> Path:
@@ -110,67 +117,94 @@ def _tokenized(cfg: FinetuneConfig, rows: list[dict], tokenizer, args) -> Tokeni
     return data
 
 
-def _announce(cfg: FinetuneConfig, band, data: TokenizedData, plan: FreezePlan) -> None:
+def _announce(cfg: FinetuneConfig, band, data: TokenizedData | None, setup: MethodSetup) -> None:
     what = (f", band {band} ({'attention + MLP + norms' if cfg.freeze_norms else 'attention + MLP'} frozen)"
-            if cfg.method in ("sppft", "freeze") else f", no LoRA on band {band}" if cfg.method == "sppft-lora"
-            else "")
-    print(f"method {cfg.method}{what}; {len(data.examples)} examples, template {data.template}")
-    print(plan.summary())
+            if cfg.method in ("sppft", "freeze", "rdpo-sppft") else f", no LoRA on band {band}"
+            if cfg.method == "sppft-lora" else f", as many weights frozen as band {band} holds"
+            if cfg.method == "nfft" else "")
+    rows = f"; {len(data.examples)} examples, template {data.template}" if data is not None else ""
+    print(f"method {cfg.method}{what}{rows}")
+    if setup.info.get("summary"):
+        print(setup.info["summary"])
+    print(setup.plan.summary())
+
+
+def _read_data(cfg: FinetuneConfig) -> tuple[list[dict], dict]:
+    """The user's rows (none for a method that builds its own data) and what is known of them."""
+    from ..core.data import read_records, sha256_file
+
+    if cfg.method in DATALESS_METHODS:
+        return [], {"path": cfg.data, "used": False, "note": f"{cfg.method} trains on the preference pairs it builds"}
+    if not cfg.data:
+        raise SafetyLayersError("no training data: pass --data FILE.jsonl (build one with `safety-layers scenario`)")
+    recs = read_records(cfg.data)
+    rows = recs.rows[: cfg.limit] if cfg.limit else recs.rows
+    if not rows:
+        raise SafetyLayersError(f"{cfg.data} has no usable rows ({recs.dropped_empty} blank ones dropped)")
+    return rows, {"path": str(cfg.data), "sha256": sha256_file(cfg.data), "layout": recs.layout, "rows": len(rows),
+                  "dropped_blank": recs.dropped_empty}
+
+
+def _standard_setup(ctx: MethodContext) -> MethodSetup:
+    """Freeze (or wrap with LoRA) and build the stock Trainer with the frozen-parameter check."""
+    from transformers import Trainer
+
+    cfg, args, lm = ctx.cfg, ctx.args, ctx.lm
+    if cfg.method in LORA_METHODS and args.gradient_checkpointing:
+        lm.model.enable_input_require_grads()           # checkpointed LoRA needs grads flowing from the embeddings
+    train_model, plan, frozen = apply_method(lm, cfg, ctx.band, seed=args.seed)
+    check = freeze_check_class()(frozen)
+    trainer = Trainer(model=train_model, args=args, train_dataset=ctx.data.examples, data_collator=ctx.collator,
+                      processing_class=lm.tokenizer, callbacks=[check] + ctx.callbacks)
+    return MethodSetup(train_model, plan, check, trainer, {})
 
 
 def prepare(cfg: FinetuneConfig, training_args=None, *, model=None, callbacks=None) -> Prepared:
     """Check inputs, load, freeze, tokenize and build the Trainer (nothing is trained yet).
 
     ``model`` may be a loaded model (it is changed in place); otherwise ``cfg.model`` is
-    loaded. Every check that can fail runs before the model loads where possible.
+    loaded. Every check that can fail runs before the model loads where possible. NFFT, Lisa
+    and reverse DPO set up their training in their own modules (:data:`METHOD_MODULES`).
     """
-    from transformers import Trainer
-
     from ..core.models import load_model, load_or_use
-    from ..core.data import read_records, sha256_file
-
     from ..core.runs import default_run_dir
 
     args = training_args if training_args is not None else default_training_args(
         default_run_dir("finetune", cfg.model, cfg.method))
-    if not cfg.data:
-        raise SafetyLayersError("no training data: pass --data FILE.jsonl (build one with `safety-layers scenario`)")
+    own = METHOD_MODULES.get(cfg.method)() if cfg.method in METHOD_MODULES else None
     resolve_band(cfg)
     output_dir = Path(args.output_dir)
     out = _final_folder(cfg, output_dir)
     resume_from = resume_point(cfg, args)
-    recs = read_records(cfg.data)
-    rows = recs.rows[: cfg.limit] if cfg.limit else recs.rows
-    if not rows:
-        raise SafetyLayersError(f"{cfg.data} has no usable rows ({recs.dropped_empty} blank ones dropped)")
+    rows, data_info = _read_data(cfg)
+    if own is not None:
+        own.check_inputs(cfg, args)
 
     lm = load_or_use(model) if model is not None else load_model(cfg.model, dtype=cfg.dtype)
     band = resolve_band(cfg, lm.num_layers)
     if band is not None and cfg.method not in BAND_METHODS and is_main(args):
         print(f"note: method {cfg.method} trains every layer; the band {band} is recorded but not used")
-    data = _tokenized(cfg, rows, lm.tokenizer, args)
+    data = _tokenized(cfg, rows, lm.tokenizer, args) if rows else None
     if getattr(lm.model.config, "use_cache", None):
         lm.model.config.use_cache = False               # the KV cache is useless in training and costs memory
-    if cfg.method in LORA_METHODS and args.gradient_checkpointing:
-        lm.model.enable_input_require_grads()           # checkpointed LoRA needs grads flowing from the embeddings
-    train_model, plan, frozen = apply_method(lm, cfg, band if cfg.method in BAND_METHODS else None, seed=args.seed)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
+    ctx = MethodContext(cfg, args, lm, band if cfg.method in BAND_METHODS else None, data, PadCollator(pad),
+                        list(callbacks or []), output_dir)
+    setup = own.setup(ctx) if own is not None else _standard_setup(ctx)
     if cfg.check_disk:
-        check_disk(args, out, estimate_bytes(train_model, cfg.method in LORA_METHODS and not cfg.merge_lora))
+        check_disk(args, out, estimate_bytes(setup.model, cfg.method in LORA_METHODS and not cfg.merge_lora))
     if cfg.overwrite and resume_from is None:
         with args.main_process_first(desc="remove earlier checkpoints"):
             for ck in checkpoints(output_dir):
                 shutil.rmtree(ck, ignore_errors=True)
     if is_main(args):
-        _announce(cfg, band, data, plan)
-    check = freeze_check_class()(frozen)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else lm.tokenizer.eos_token_id
-    trainer = Trainer(model=train_model, args=args, train_dataset=data.examples, data_collator=PadCollator(pad),
-                      processing_class=lm.tokenizer, callbacks=[check] + list(callbacks or []))
-    data_info = {"path": str(cfg.data), "sha256": sha256_file(cfg.data), "layout": recs.layout, "rows": len(rows),
-                 "examples": len(data.examples), "dropped_blank": recs.dropped_empty,
-                 "dropped_too_long": data.dropped_too_long, "truncated": data.truncated, "tokens": data.tokens,
-                 "template": data.template, "train_on_inputs": cfg.train_on_inputs, "max_length": cfg.max_length}
-    return Prepared(cfg, args, lm, train_model, band, plan, data, data_info, trainer, check, out, resume_from)
+        _announce(cfg, band, data, setup)
+    if data is not None:
+        data_info.update(examples=len(data.examples), dropped_too_long=data.dropped_too_long,
+                         truncated=data.truncated, tokens=data.tokens, template=data.template,
+                         train_on_inputs=cfg.train_on_inputs, max_length=cfg.max_length)
+    return Prepared(cfg, args, lm, setup.model, band, setup.plan, data, data_info, setup.trainer, setup.check, out,
+                    resume_from, setup.info)
 
 
 def _shared_path(trainer, path: Path | None) -> Path:
@@ -223,7 +257,8 @@ def _manifest(prep: Prepared, result: FinetuneResult, fingerprint_before: str | 
         "format": "peft-adapter" if cfg.method in LORA_METHODS and not cfg.merge_lora else "hf-model",
         "method": cfg.method, "band": result.band, "band_used": result.band_used,
         "frozen_parts": ("attention+mlp+norms" if cfg.freeze_norms else "attention+mlp")
-        if cfg.method in ("sppft", "freeze") else "all base weights" if lora else "none",
+        if cfg.method in ("sppft", "freeze", "rdpo-sppft") else "all base weights" if lora
+        else "safety-critical weights (gradient masks)" if cfg.method == "nfft" else "none",
         "model": prep.lm.name, "model_source": prep.lm.source, "model_fingerprint_before": fingerprint_before,
         "num_layers": prep.lm.num_layers,
         "frozen": {"tensors": plan.frozen_tensors, "params": plan.frozen_params,
@@ -233,7 +268,7 @@ def _manifest(prep: Prepared, result: FinetuneResult, fingerprint_before: str | 
         "total_params": plan.total_params, "optimizer_groups": prep.check.groups,
         "optimizer_state_bytes": result.optimizer_state_bytes, "frozen_check": prep.check.result, "lora": lora,
         "data": prep.data_info, "seed": prep.args.seed, "global_step": result.global_step,
-        "train_loss": result.train_loss, "resumed_from": prep.resume_from,
+        "train_loss": result.train_loss, "resumed_from": prep.resume_from, "method_info": prep.method_info,
         "config": asdict(cfg), "training_args": to_jsonable(prep.args.to_dict()), "env": environment(),
     }
 
@@ -251,10 +286,12 @@ def train_and_save(prep: Prepared) -> FinetuneResult:
         band=[prep.band.start, prep.band.end] if prep.band is not None else None,
         band_used=prep.band is not None and prep.cfg.method in BAND_METHODS,
         trainable_params=plan.trainable_params, total_params=plan.total_params, frozen_params=plan.frozen_params,
-        frozen_tensors=plan.frozen_tensors, frozen_fraction=plan.frozen_fraction, samples=len(prep.data.examples),
+        frozen_tensors=plan.frozen_tensors, frozen_fraction=plan.frozen_fraction,
+        samples=prep.method_info.get("samples", len(prep.data.examples) if prep.data else 0),
         global_step=prep.trainer.state.global_step, train_loss=getattr(out, "training_loss", None),
         optimizer_state_bytes=optimizer_state_bytes(prep.trainer.optimizer), frozen_check=prep.check.result,
-        resumed_from=prep.resume_from, manifest=str(prep.out / "manifest.json"), seconds=round(time.time() - t0, 3))
+        resumed_from=prep.resume_from, manifest=str(prep.out / "manifest.json"), seconds=round(time.time() - t0, 3),
+        method_info=prep.method_info)
     _save_final(prep, _manifest(prep, result, fingerprint_before))
     if prep.trainer.is_world_process_zero():
         run = Path(prep.args.output_dir)
