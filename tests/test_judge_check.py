@@ -89,7 +89,7 @@ def test_bad_files_fail_in_one_line(tmp_path, rows, message):
 def test_empty_file_and_unknown_judge(tmp_path):
     empty = tmp_path / "e.jsonl"
     empty.write_text("", encoding="utf-8")
-    with pytest.raises(SafetyLayersError, match="holds no rows"):
+    with pytest.raises(SafetyLayersError, match="is empty"):
         judge_check(empty)
     with pytest.raises(SafetyLayersError, match="unknown judge"):
         judge_check(_data("test.jsonl"), judges=["nope"])
