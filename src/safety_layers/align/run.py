@@ -119,7 +119,7 @@ def align(cfg: AlignConfig | None = None, *, model=None, manifest: dict | None =
     out = Path(cfg.out) if cfg.out else _default_out(cfg.model)
     if out.exists() and not cfg.overwrite:
         raise SafetyLayersError(f"{out} exists: choose another output folder or pass --overwrite")
-    lm = load_or_use(model if model is not None else cfg.model)
+    lm = load_or_use(model if model is not None else cfg.model, cfg)
     if cfg.frozen_layers is not None:  # before minutes of distilling, not after
         LayerRange.parse(cfg.frozen_layers).check(len(lm.blocks.layers))
     notes = []
@@ -143,7 +143,7 @@ def align(cfg: AlignConfig | None = None, *, model=None, manifest: dict | None =
         fingerprint=lm.fingerprint(), template=template, config=asdict(cfg), counts=data.counts,
         train=asdict(stats), refusal=refusal, seconds=seconds, notes=notes)
     t = time.perf_counter()
-    record = {"kind": "safety-layers aligned model", **asdict(result), "environment": environment(),
+    record = {"kind": "safety-layers aligned model", **asdict(result), "environment": environment(lm),
               **(manifest or {})}
     _save_with_manifest(lm, out, record, cfg.overwrite)
     result.seconds["save"] = round(time.perf_counter() - t, 1)

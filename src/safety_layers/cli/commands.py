@@ -236,6 +236,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     cfg = build_config(FinetuneConfig, args, ours)
     paper_note(cfg)
     theirs.setdefault("output_dir", str(default_run_dir("finetune", cfg.model, cfg.method)))
+    if cfg.device == "cpu":
+        theirs.setdefault("use_cpu", True)          # the Trainer picks its device itself
     targs = training_arguments(theirs, args.passthrough)
     library_bars(not targs.disable_tqdm)
     result = finetune(cfg, targs)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core.errors import SafetyLayersError
-from . import commands
+from . import commands, plan
 from .args import add_config_args, build_config
 
 
@@ -126,6 +126,14 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "Plots embedded, no network needed to view it; counts and rates only, never completions.",
             commands.run_report, "safety_layers.report:ReportConfig", positional=("run",), yaml=False,
             epilog="examples:\n  safety-layers report runs/demo\n"),
+    Command("plan", "parameters, frozen fraction and memory per stage of a fine-tuning, before anything loads",
+            "Build the model from its config on the meta device (no weight is read: a folder holding only "
+            "config.json is enough), apply the method's freezing, and print total, trainable and frozen "
+            "parameters and the memory of inference and of one training step (weights, gradients, AdamW "
+            "states, activations with and without gradient checkpointing) next to the devices found.",
+            plan.run_plan, "safety_layers.finetune.plan:PlanConfig",
+            epilog="examples:\n  safety-layers plan --model meta-llama/Meta-Llama-3-8B-Instruct --band 6-12\n"
+                   "  safety-layers plan --model ./llama-config-folder --method full --dtype float32 --json\n"),
     Command("demo", "the whole method on the embedded model: align, analyze, locate, attack, SPPFT, evaluate, report",
             "Builds (or reuses) the aligned demo model, compares it with the bare model, locates its safety "
             "layers, fine-tunes with full FT and SPPFT under the implicit attack, evaluates both and writes "

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ..core.config import settle
 from ..core.errors import SafetyLayersError
+from ..core.placement import InferenceDeviceSettings
 from ..engine.generation import GenerationSettings
 
 #: Judges :class:`EvaluateConfig` knows by name. ``proxy`` is the first-token refusal proxy,
@@ -30,7 +31,7 @@ def _skip(value):
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(InferenceDeviceSettings):
     """Settings of one evaluation (``safety-layers evaluate``). A set given as None is skipped."""
 
     model: str = field(default="demo", metadata={"help": "model alias, folder, .gguf file or hub id"})
@@ -142,7 +143,8 @@ class EvaluateConfig:
         if name == "dummy":
             return {"marker": self.dummy_marker}
         if name == "classifier":
-            return {"model": self.classifier_model, "kind": self.classifier_kind}
+            return {"model": self.classifier_model, "kind": self.classifier_kind, "device": self.device,
+                    "dtype": self.dtype}
         if name == "llm":
             opts = {"model": self.judge_model, "api_key_env": self.judge_key_env, **(self.judge_options or {})}
             if self.judge_url:

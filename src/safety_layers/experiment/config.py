@@ -20,6 +20,7 @@ from ..analysis import AnalyzeConfig
 from ..core.config import from_mapping, init_fields, load_yaml, settle
 from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
+from ..core.placement import DeviceSettings
 from ..core.runs import to_jsonable
 from ..evaluate import EvaluateConfig
 from ..locate import LocateConfig
@@ -28,9 +29,10 @@ from .grid import BASE_METHODS, SCENARIO_KINDS, method_label, parse_scenario, sc
 #: Settings a rerun may change: they add or drop cells, or only change what is written.
 GRID_FIELDS = ("name", "scenarios", "methods", "lrs", "lr_overrides", "seeds", "keep_models", "drift")
 #: Step settings the experiment decides, so its sections may not set them.
-SECTION_FIXED = ("model", "out", "overwrite", "progress")
+SECTION_FIXED = ("model", "out", "overwrite", "progress", "device", "dtype", "device_map")
 #: The training settings a cell's FinetuneConfig takes from the experiment under the same name.
-FINETUNE_KEYS = ("template", "train_on_inputs", "paper", "freeze_norms", "max_length", "lora_r", "lora_alpha", "dtype")
+FINETUNE_KEYS = ("template", "train_on_inputs", "paper", "freeze_norms", "max_length", "lora_r", "lora_alpha", "dtype",
+                "device")
 _DERIVED = ("paper_set",)
 _YAML = {"cli": False}   # a setting for YAML files and Python, not a command-line flag
 _SECTIONS = {"evaluate": EvaluateConfig, "analysis": AnalyzeConfig, "locate": LocateConfig}
@@ -90,7 +92,7 @@ class DriftConfig:
 
 
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(DeviceSettings):
     """One SPPFT experiment (``safety-layers experiment run.yaml``).
 
     The settings come from the YAML file (or Python); on the command line only ``name``,
@@ -145,7 +147,6 @@ class ExperimentConfig:
     freeze_norms: bool = field(default=False, metadata={"help": "also freeze the band's norms", **_YAML})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank", **_YAML})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha", **_YAML})
-    dtype: str = field(default="float32", metadata={"help": "weights dtype (paper: float32)", **_YAML})
     training_args: dict = field(default_factory=dict, metadata={
         "help": "any other transformers TrainingArguments, e.g. {bf16: true, gradient_checkpointing: true}", **_YAML})
     evaluate: EvaluateConfig | dict = field(default_factory=dict, metadata={
@@ -217,14 +218,16 @@ class ExperimentConfig:
         """The step config of section ``name`` from a mapping (the experiment's template and paper
         filling what it leaves unset) or from a config object; the model is always the experiment's."""
         cls = _SECTIONS[name]
+        fixed = {"model": self.model, "device": self.device, "dtype": self.dtype, "device_map": self.device_map}
         if isinstance(value, cls):
             section = copy.copy(value)
-            section.model = self.model
+            for key, v in fixed.items():
+                setattr(section, key, v)
             return section
         allowed = [k for k in init_fields(cls) if k not in SECTION_FIXED]
         check_section_keys(name, value, allowed)
         flow = {"template": self.template, "paper": self.paper}
-        return from_mapping(cls, {**flow, **value}, name, model=self.model)
+        return from_mapping(cls, {**flow, **value}, name, **fixed)
 
     # ----- what the steps read
 

@@ -114,12 +114,13 @@ def write_results(run_dir: str | Path, order: list[Cell] | None = None) -> dict:
 
 
 def _protocol(config: dict) -> dict:
-    """What a finished cell's numbers depend on: the settings less the grid, resolved as this release reads them."""
+    """What a finished cell's numbers depend on: the settings less the grid and where they ran (device),
+    resolved as this release reads them."""
     try:
         config = json.loads(json.dumps(ExperimentConfig.from_dict(config).to_dict()))
     except SafetyLayersError:
         pass   # settings this release cannot read: compare them as written
-    return {k: v for k, v in config.items() if k not in GRID_FIELDS + ("paper_set",)}
+    return {k: v for k, v in config.items() if k not in GRID_FIELDS + ("paper_set", "device", "device_map")}
 
 
 def _open_run(run: Path, cfg: ExperimentConfig) -> dict:
@@ -181,7 +182,7 @@ def _load_tuned(folder: Path, base):
         model = PeftModel.from_pretrained(copy.deepcopy(base.model), str(folder)).merge_and_unload().eval()
         return LoadedModel(model, base.tokenizer, f"{base.name}+adapter", str(folder), find_blocks(model))
     device = next(base.model.parameters()).device
-    return load_model(str(folder), device=str(device) if device.type != "cpu" else None)
+    return load_model(str(folder), device=str(device), dtype=next(base.model.parameters()).dtype)
 
 
 def _free(model=None):
@@ -221,8 +222,7 @@ class _Experiment:
                 self.base = load_or_use(self._given)
             else:
                 self.log(f"[bold]model[/bold] loading {self.cfg.model}")
-                self.base = load_model(self.cfg.model, dtype=self.cfg.dtype,
-                                       device="cuda" if torch.cuda.is_available() else None)
+                self.base = load_or_use(self.cfg.model, self.cfg)
         return self.base
 
     def fresh_copy(self):

@@ -43,6 +43,7 @@ from .callbacks import freeze_check_class
 from .config import BAND_METHODS, LORA_METHODS, METHODS, FinetuneConfig, default_training_args  # noqa: F401
 from .data import PadCollator, TokenizedData, tokenize_rows
 from .methods import FreezePlan, apply_method, resolve_band
+from .devices import check_device, check_memory, checkpointing, cpu_args, explain_oom
 from .trainer import check_disk, checkpoints, estimate_bytes, is_main, optimizer_state_bytes, resume_point
 
 
@@ -85,6 +86,7 @@ class Prepared:
     check: object                    # FreezeCheckCallback
     out: Path
     resume_from: str | None
+    memory: object = None            # the MemoryPlan checked before loading (None: not checked)
 
 
 def _final_folder(cfg: FinetuneConfig, output_dir: Path) -> Path:
@@ -131,8 +133,10 @@ def prepare(cfg: FinetuneConfig, training_args=None, *, model=None, callbacks=No
 
     from ..core.runs import default_run_dir
 
+    place = cfg.placement()                              # a device or dtype this machine lacks: one line, now
     args = training_args if training_args is not None else default_training_args(
-        default_run_dir("finetune", cfg.model, cfg.method))
+        default_run_dir("finetune", cfg.model, cfg.method), **cpu_args(place))
+    check_device(place, args)
     if not cfg.data:
         raise SafetyLayersError("no training data: pass --data FILE.jsonl (build one with `safety-layers scenario`)")
     resolve_band(cfg)
@@ -144,15 +148,17 @@ def prepare(cfg: FinetuneConfig, training_args=None, *, model=None, callbacks=No
     if not rows:
         raise SafetyLayersError(f"{cfg.data} has no usable rows ({recs.dropped_empty} blank ones dropped)")
 
-    lm = load_or_use(model) if model is not None else load_model(cfg.model, dtype=cfg.dtype)
+    memory = check_memory(cfg, args, place) if model is None and cfg.check_memory else None
+    # loaded on the CPU in the training dtype; the Trainer (or FSDP / DeepSpeed) places it
+    lm = load_or_use(model) if model is not None else load_model(cfg.model, device="cpu", dtype=place.dtype)
     band = resolve_band(cfg, lm.num_layers)
     if band is not None and cfg.method not in BAND_METHODS and is_main(args):
         print(f"note: method {cfg.method} trains every layer; the band {band} is recorded but not used")
     data = _tokenized(cfg, rows, lm.tokenizer, args)
     if getattr(lm.model.config, "use_cache", None):
         lm.model.config.use_cache = False               # the KV cache is useless in training and costs memory
-    if cfg.method in LORA_METHODS and args.gradient_checkpointing:
-        lm.model.enable_input_require_grads()           # checkpointed LoRA needs grads flowing from the embeddings
+    if checkpointing(args):
+        lm.model.enable_input_require_grads()           # a frozen embedding or band must still pass gradients on
     train_model, plan, frozen = apply_method(lm, cfg, band if cfg.method in BAND_METHODS else None, seed=args.seed)
     if cfg.check_disk:
         check_disk(args, out, estimate_bytes(train_model, cfg.method in LORA_METHODS and not cfg.merge_lora))
@@ -170,7 +176,8 @@ def prepare(cfg: FinetuneConfig, training_args=None, *, model=None, callbacks=No
                  "examples": len(data.examples), "dropped_blank": recs.dropped_empty,
                  "dropped_too_long": data.dropped_too_long, "truncated": data.truncated, "tokens": data.tokens,
                  "template": data.template, "train_on_inputs": cfg.train_on_inputs, "max_length": cfg.max_length}
-    return Prepared(cfg, args, lm, train_model, band, plan, data, data_info, trainer, check, out, resume_from)
+    return Prepared(cfg, args, lm, train_model, band, plan, data, data_info, trainer, check, out, resume_from,
+                    memory)
 
 
 def _shared_path(trainer, path: Path | None) -> Path:
@@ -244,7 +251,8 @@ def train_and_save(prep: Prepared) -> FinetuneResult:
 
     t0 = time.time()
     fingerprint_before = prep.lm.fingerprint() if prep.cfg.method not in LORA_METHODS else None
-    out = prep.trainer.train(resume_from_checkpoint=prep.resume_from)
+    with explain_oom(prep):
+        out = prep.trainer.train(resume_from_checkpoint=prep.resume_from)
     plan = prep.plan
     result = FinetuneResult(
         method=prep.cfg.method, model=prep.lm.name, out=str(prep.out), output_dir=str(prep.args.output_dir),

@@ -6,6 +6,7 @@ import inspect
 from typing import Any, Literal
 
 from ..core.errors import SafetyLayersError
+from ..core.placement import resolve_placement
 from .base import Judge, Verdict, register_judge
 
 _REFUSAL_NAMES = ("refus", "reject", "declin")
@@ -43,8 +44,8 @@ class ClassifierJudge(Judge):
         batch_size: int = 8,
         max_length: int = 512,
         max_new_tokens: int = 10,
-        device: str | None = None,
-        dtype: str = "float32",
+        device: str | None = "auto",
+        dtype: str = "auto",
         trust_remote_code: bool = False,
     ):
         if kind not in ("sequence", "causal-guard"):
@@ -57,7 +58,6 @@ class ClassifierJudge(Judge):
             raise SafetyLayersError(f"classifier judge threshold must lie in (0, 1), got {threshold}")
         if batch_size < 1:
             raise SafetyLayersError(f"classifier judge batch_size must be >= 1, got {batch_size}")
-        import torch
         from transformers import AutoConfig, AutoTokenizer
 
         self.model_name = str(model)
@@ -67,7 +67,8 @@ class ClassifierJudge(Judge):
         self.batch_size = batch_size
         self.max_length = max_length
         self.max_new_tokens = max_new_tokens
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        place = resolve_placement(device, dtype)   # the package's one device/dtype policy
+        self.device = place.device
         try:
             cfg = AutoConfig.from_pretrained(self.model_name, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
@@ -82,9 +83,7 @@ class ClassifierJudge(Judge):
             raise SafetyLayersError(
                 f"judge model '{self.model_name}' is a {archs[0]}, but kind='{kind}' expects a {want} model; use {other} or another model"
             )
-        torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-        if not isinstance(torch_dtype, torch.dtype):
-            raise SafetyLayersError(f"classifier judge dtype {dtype!r} is not a torch dtype; use 'float32', 'bfloat16' or 'float16'")
+        torch_dtype = place.dtype
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_name, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
