@@ -46,6 +46,7 @@ from ..core.runs import atomic_write, environment, read_json, slug, to_jsonable,
 from ..evaluate import EvaluateResult, evaluate
 from ..finetune import FinetuneConfig
 from ..finetune import run as ft
+from ..finetune.devices import check_grid_memory
 from ..locate import locate
 from ..scenarios import build_scenario, manifest_path
 from .config import GRID_FIELDS, ExperimentConfig, check_section_keys
@@ -549,6 +550,8 @@ def run_experiment(cfg: ExperimentConfig | dict, run_dir: str | Path | None = No
         cfg = ExperimentConfig.from_dict(cfg)
     run = Path(run_dir) if run_dir else Path("runs") / f"experiment-{slug(cfg.name or cfg.model)}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_inputs(cfg)
+    if model is None:
+        check_grid_memory(cfg)        # a grid that cannot train here stops now, with the ways out
     exp = _open_run(run, cfg)
     ex = _Experiment(cfg, run, progress, model)
     ex.log(f"[bold]experiment[/bold] {run}")

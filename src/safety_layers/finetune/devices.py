@@ -65,6 +65,21 @@ def check_memory(cfg, args, place):
                                optimizer_8bit="8bit" in str(getattr(args, "optim", "")), shards=shards(args))
 
 
+def check_grid_memory(cfg):
+    """An experiment's check before it loads: its most demanding method (full fine-tuning unless every
+    method is LoRA) trained beside the untuned model it keeps, in its dtype, on its device."""
+    from .config import LORA_METHODS
+    from .plan import PlanConfig, check_training_fits
+
+    place = cfg.placement()
+    worst = "lora" if all(m in LORA_METHODS for m in cfg.methods) else "full"
+    targs = cfg.training_args or {}
+    plan_cfg = PlanConfig(model=cfg.model, method=worst, dtype=place.dtype_name, batch_size=cfg.batch_size,
+                          max_length=cfg.max_length, lora_r=cfg.lora_r)
+    return check_training_fits(plan_cfg, place.device, checkpointing=bool(targs.get("gradient_checkpointing")),
+                               optimizer_8bit="8bit" in str(targs.get("optim", "")), keep_untuned=True)
+
+
 @contextlib.contextmanager
 def explain_oom(prep):
     """An out-of-memory error while training becomes one line with the plan's numbers; the

@@ -312,16 +312,19 @@ def capacity(device: str) -> tuple[str, int]:
 
 
 def check_training_fits(cfg: PlanConfig, device: str, *, checkpointing: bool = False, optimizer_8bit: bool = False,
-                        shards: int = 1) -> MemoryPlan:
+                        shards: int = 1, keep_untuned: bool = False) -> MemoryPlan:
     """The plan of ``cfg``; one line naming what does not fit on ``device`` and the ways out when
-    one training process would need more than the device has free."""
+    one training process would need more than the device has free. ``keep_untuned``: an untuned
+    copy of the weights stays beside the trained one (an experiment's base model)."""
     p = plan_memory(cfg)
-    need = p.training_bytes(checkpointing, optimizer_8bit, shards)
+    resident = p.inference["weights"] if keep_untuned else 0
+    need = p.training_bytes(checkpointing, optimizer_8bit, shards) + resident
     where, room = capacity(device)
     if need <= room:
         return p
+    kept = f", plus {resident / GB:.1f} GB for the untuned model kept beside it" if resident else ""
     raise SafetyLayersError(f"{p.method} fine-tuning of {p.model} does not fit: " + memory_story(
-        p, checkpointing, optimizer_8bit, shards) + f", and {where} has {room / GB:.1f} GB free. " + ways_out(p))
+        p, checkpointing, optimizer_8bit, shards) + f"{kept}, and {where} has {room / GB:.1f} GB free. " + ways_out(p))
 
 
 def memory_story(p: MemoryPlan, checkpointing: bool = False, optimizer_8bit: bool = False, shards: int = 1) -> str:
