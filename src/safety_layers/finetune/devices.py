@@ -45,10 +45,15 @@ def checkpointing(args) -> bool:
 
 
 def shards(args) -> int:
-    """Processes that share the weights, gradients and optimizer states (FSDP, DeepSpeed ZeRO-3), else 1."""
+    """Processes that share the weights, gradients and optimizer states (FSDP, DeepSpeed ZeRO-3),
+    whether set in TrainingArguments or by ``accelerate launch --config_file`` (its environment), else 1."""
+    import os
+
     ds = getattr(args, "hf_deepspeed_config", None)
-    stage3 = ds is not None and getattr(ds, "is_zero3", lambda: False)()
-    fsdp = bool(getattr(args, "fsdp", None)) and "full_shard" in str(getattr(args, "fsdp", ""))
+    stage3 = (ds is not None and getattr(ds, "is_zero3", lambda: False)()) or (
+        os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+        and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
+    fsdp = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     return max(getattr(args, "world_size", 1), 1) if stage3 or fsdp else 1
 
 
