@@ -17,7 +17,7 @@ from typing import Literal
 from ..core.config import check_keys, load_yaml, settle
 from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
-from ..core.placement import DeviceSettings
+from ..core.placement import device_settings
 
 Method = Literal["full", "lora"]
 #: Recipes shipped with the package: name -> file under ``safety_layers/recipes``.
@@ -32,7 +32,8 @@ def _opt(default, help: str, cli: bool = False):
 
 
 @dataclass
-class AlignConfig(DeviceSettings):
+@device_settings
+class AlignConfig:
     """One alignment recipe (``safety-layers align``). Data fields left None use the bundled files."""
 
     model: str | None = _opt("smollm2-135m-instruct", "base chat model to align", cli=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..core.config import from_mapping, settle
 from ..core.errors import SafetyLayersError
-from ..core.placement import InferenceDeviceSettings
+from ..core.placement import device_settings
 from ..core.runs import read_json, write_json
 from .curves import Curves, analyze_states
 
@@ -24,7 +24,8 @@ KNOB = {"cli": False}
 
 
 @dataclass
-class AnalyzeConfig(InferenceDeviceSettings):
+@device_settings(map_flag=True)
+class AnalyzeConfig:
     """Settings of one existence analysis (``safety-layers analyze``)."""
 
     model: str = field(default="demo", metadata={

@@ -1,8 +1,8 @@
 """Where a model runs and in which dtype: one policy, decided when a model loads.
 
-Every step that loads a model takes the same three settings (:class:`DeviceSettings`, a
-dataclass mixin of each step's config) and hands them to the loader, which resolves them
-here with :func:`resolve_placement`:
+Every step that loads a model takes the same three settings (:func:`device_settings` adds
+them to each step's config) and hands them to the loader, which resolves them here with
+:func:`resolve_placement`:
 
 ``device``
     ``auto``: the CUDA GPU of this process (``cuda:LOCAL_RANK`` under a launcher) when one is
@@ -35,29 +35,45 @@ DTYPE_HELP = "weights dtype: auto (bfloat16 on a GPU that has it, float16 on old
 MAP_HELP = "auto: spread a model too large for one GPU over all GPUs (accelerate's device_map); unset: one device"
 
 
-def _device_map_field(cli: bool):
-    return field(default=None, metadata={"help": MAP_HELP, "cli": cli})
+DTYPE_TYPE = Literal["auto", "float32", "bfloat16", "float16"] | None
+MAP_TYPE = Literal["auto"] | None
 
 
-@dataclass
-class DeviceSettings:
-    """Device, dtype and device map of the model a step loads (mixed into every step's config)."""
+def device_settings(cls=None, *, map_flag: bool = False):
+    """Class decorator (put it under ``@dataclass``) that gives a step's config the policy's three
+    fields, last in field order (after the step's own settings in --help and in YAML key lists),
+    and :meth:`placement`. ``map_flag``: ``--device-map`` on the command line (inference steps;
+    training spreads a model with FSDP or ZeRO-3 instead, so there it is YAML/Python only)."""
 
-    device: str = field(default="auto", metadata={"help": DEVICE_HELP})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = field(default=None, metadata={
-        "help": DTYPE_HELP, "default": "auto", "paper": "float32"})
-    device_map: Literal["auto"] | None = _device_map_field(cli=False)
+    def wrap(cls):
+        extra = {
+            "device": (str, field(default="auto", metadata={"help": DEVICE_HELP})),
+            "dtype": (DTYPE_TYPE, field(default=None, metadata={"help": DTYPE_HELP, "default": "auto",
+                                                                 "paper": "float32"})),
+            "device_map": (MAP_TYPE, field(default=None, metadata={"help": MAP_HELP, "cli": map_flag})),
+        }
+        annotations = cls.__dict__.get("__annotations__", {})
+        for name, (kind, spec) in extra.items():
+            if name in annotations:
+                raise TypeError(f"{cls.__name__} declares {name} itself: device_settings adds it")
+            annotations[name] = kind
+            setattr(cls, name, spec)
+        cls.__annotations__ = annotations
+        cls.placement = _placement
+        cls.device_settings = True
+        return cls
 
-    def placement(self) -> "Placement":
-        """The resolved device and dtype (a one-line error for a device or dtype this machine lacks)."""
-        return resolve_placement(self.device, self.dtype or "auto", self.device_map)
+    return wrap(cls) if cls is not None else wrap
 
 
-@dataclass
-class InferenceDeviceSettings(DeviceSettings):
-    """:class:`DeviceSettings` with ``--device-map`` on the command line: steps that only run the model."""
+def _placement(self) -> "Placement":
+    """The resolved device and dtype (a one-line error for a device or dtype this machine lacks)."""
+    return resolve_placement(self.device, self.dtype or "auto", self.device_map)
 
-    device_map: Literal["auto"] | None = _device_map_field(cli=True)
+
+def has_device_settings(obj) -> bool:
+    """Whether ``obj`` (a config or its class) carries the policy's fields (:func:`device_settings`)."""
+    return getattr(obj, "device_settings", False) is True
 
 
 @dataclass(frozen=True)
@@ -153,7 +169,7 @@ def as_placement(value=None) -> Placement:
     """A Placement from a Placement, a config with :class:`DeviceSettings`, or None (the defaults)."""
     if isinstance(value, Placement):
         return value
-    if isinstance(value, DeviceSettings):
+    if has_device_settings(value):
         return value.placement()
     if value is None:
         return resolve_placement()

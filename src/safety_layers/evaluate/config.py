@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from ..core.config import settle
 from ..core.errors import SafetyLayersError
-from ..core.placement import InferenceDeviceSettings
+from ..core.placement import device_settings
 from ..engine.generation import GenerationSettings
 
 #: Judges :class:`EvaluateConfig` knows by name. ``proxy`` is the first-token refusal proxy,
@@ -31,7 +31,8 @@ def _skip(value):
 
 
 @dataclass
-class EvaluateConfig(InferenceDeviceSettings):
+@device_settings(map_flag=True)
+class EvaluateConfig:
     """Settings of one evaluation (``safety-layers evaluate``). A set given as None is skipped."""
 
     model: str = field(default="demo", metadata={"help": "model alias, folder, .gguf file or hub id"})

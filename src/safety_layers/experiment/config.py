@@ -20,7 +20,7 @@ from ..analysis import AnalyzeConfig
 from ..core.config import from_mapping, init_fields, load_yaml, settle
 from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
-from ..core.placement import DeviceSettings
+from ..core.placement import device_settings
 from ..core.runs import to_jsonable
 from ..evaluate import EvaluateConfig
 from ..locate import LocateConfig
@@ -92,7 +92,8 @@ class DriftConfig:
 
 
 @dataclass
-class ExperimentConfig(DeviceSettings):
+@device_settings
+class ExperimentConfig:
     """One SPPFT experiment (``safety-layers experiment run.yaml``).
 
     The settings come from the YAML file (or Python); on the command line only ``name``,

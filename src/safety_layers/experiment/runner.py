@@ -550,9 +550,9 @@ def run_experiment(cfg: ExperimentConfig | dict, run_dir: str | Path | None = No
         cfg = ExperimentConfig.from_dict(cfg)
     run = Path(run_dir) if run_dir else Path("runs") / f"experiment-{slug(cfg.name or cfg.model)}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_inputs(cfg)
-    if model is None:
-        check_grid_memory(cfg)        # a grid that cannot train here stops now, with the ways out
     exp = _open_run(run, cfg)
+    if model is None:
+        check_grid_memory(cfg)        # a grid that cannot train here stops before the model loads
     ex = _Experiment(cfg, run, progress, model)
     ex.log(f"[bold]experiment[/bold] {run}")
     cells = grid(cfg)

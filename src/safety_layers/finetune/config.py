@@ -11,7 +11,7 @@ from typing import Literal
 
 from ..core.config import settle
 from ..core.errors import SafetyLayersError
-from ..core.placement import DeviceSettings
+from ..core.placement import device_settings
 
 METHODS = ("sppft", "full", "freeze", "lora", "sppft-lora")
 BAND_METHODS = ("sppft", "freeze", "sppft-lora")
@@ -19,7 +19,8 @@ LORA_METHODS = ("lora", "sppft-lora")
 
 
 @dataclass
-class FinetuneConfig(DeviceSettings):
+@device_settings
+class FinetuneConfig:
     """Settings of one fine-tuning run (``safety-layers finetune``); Trainer flags pass through separately."""
 
     model: str = field(default="demo", metadata={

@@ -40,7 +40,7 @@ from typing import Any, Literal
 from ..core.config import from_mapping, settle
 from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
-from ..core.placement import InferenceDeviceSettings
+from ..core.placement import device_settings
 from ..core.runs import read_json, write_json
 from ..core.scaling import resolve_components
 from ..engine.distributed import run_on_main, world
@@ -58,7 +58,8 @@ KNOB = {"cli": False}
 # --------------------------------------------------------------------------- configuration
 
 @dataclass
-class LocateConfig(InferenceDeviceSettings):
+@device_settings(map_flag=True)
+class LocateConfig:
     """Settings of one localization (``safety-layers locate``)."""
 
     model: str = field(default="demo", metadata={
