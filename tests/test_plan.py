@@ -210,4 +210,22 @@ def test_experiment_runs_the_check_before_loading(monkeypatch, tmp_path):
         run_experiment(cfg, tmp_path / "run")
     msg = str(e.value)
     assert msg.startswith("full fine-tuning") and "untuned model" in msg and "Ways out" in msg
-    assert not (tmp_path / "run").exists()                   # nothing started
+    assert not list((tmp_path / "run").glob("cells/*"))        # no cell started
+
+
+@pytest.mark.slow
+def test_the_gpu_check_smoke_runs_on_the_cpu(tmp_path):
+    """bench/gpu_check.py --device cpu --quick: tiny models through analyze, locate, finetune, evaluate."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "check.json"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "bench" / "gpu_check.py"), "--device", "cpu", "--quick",
+                           "--archs", "llama,phi3", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["tiny"]
+    assert [r["arch"] for r in rows] == ["llama", "phi3"]
+    for r in rows:
+        assert r["ok"] and r["model_device"] == "cpu" and r["model_dtype"] == "float32"
+        assert r["steps"] == 2 and r["frozen_check"] == "passed" and r["trials"] >= 2
