@@ -229,3 +229,29 @@ def test_the_gpu_check_smoke_runs_on_the_cpu(tmp_path):
     for r in rows:
         assert r["ok"] and r["model_device"] == "cpu" and r["model_dtype"] == "float32"
         assert r["steps"] == 2 and r["frozen_check"] == "passed" and r["trials"] >= 2
+
+
+def test_an_out_of_memory_error_is_explained_with_the_plan(tmp_path, monkeypatch):
+    from safety_layers.finetune import FinetuneConfig, prepare, train_and_save
+    from safety_layers.finetune.config import default_training_args
+
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(tmp_path / "m")
+    lm.tokenizer.save_pretrained(tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "hi", "output": "hello"}\n' * 4)
+    args = default_training_args(str(tmp_path / "run"), max_steps=1, use_cpu=True, save_strategy="no",
+                                 report_to=[], disable_tqdm=True)
+    prep = prepare(FinetuneConfig(model=str(tmp_path / "m"), data=str(data), method="sppft", layers="1-2",
+                                  device="cpu", out=str(tmp_path / "out")), args)
+    assert prep.memory is not None and prep.memory.method == "sppft"          # the check ran and kept its plan
+
+    def oom(**_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(prep.trainer, "train", oom)
+    with pytest.raises(SafetyLayersError) as e:
+        train_and_save(prep)
+    msg = str(e.value)
+    assert msg.startswith("out of memory at step 0 of sppft fine-tuning") and "the plan estimated" in msg
+    assert "Ways out" in msg and "no checkpoint yet" in msg and "\n" not in msg
