@@ -37,6 +37,16 @@ def folder(name: str) -> str:
     return str(CONFIGS / name)
 
 
+def saved_tiny(tmp_path) -> tuple[str, str]:
+    """A tiny llama saved as a model folder, and four training rows: (folder, data file)."""
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(tmp_path / "m")
+    lm.tokenizer.save_pretrained(tmp_path / "m")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "hi", "output": "hello"}\n' * 4)
+    return str(tmp_path / "m"), str(data)
+
+
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_the_arch_map_resolves_every_block_at_full_scale(name):
     model = meta_model(folder(name))
@@ -171,15 +181,11 @@ def test_finetune_runs_the_check_before_loading(monkeypatch, tmp_path):
     from safety_layers.finetune import finetune
     from safety_layers.finetune.config import FinetuneConfig
 
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(tmp_path / "m")
-    lm.tokenizer.save_pretrained(tmp_path / "m")
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"instruction": "hi", "output": "hello"}\n' * 4)
+    model, data = saved_tiny(tmp_path)
     monkeypatch.setattr(planning, "capacity", lambda device: ("the CPU's RAM", 1000))
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded before the memory check"))
     with pytest.raises(SafetyLayersError, match="does not fit.*Ways out"):
-        finetune(FinetuneConfig(model=str(tmp_path / "m"), data=str(data), method="sppft", layers="1-2",
+        finetune(FinetuneConfig(model=model, data=data, method="sppft", layers="1-2",
                                 device="cpu"), None)
 
 
@@ -235,14 +241,10 @@ def test_an_out_of_memory_error_is_explained_with_the_plan(tmp_path, monkeypatch
     from safety_layers.finetune import FinetuneConfig, prepare, train_and_save
     from safety_layers.finetune.config import default_training_args
 
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(tmp_path / "m")
-    lm.tokenizer.save_pretrained(tmp_path / "m")
-    data = tmp_path / "d.jsonl"
-    data.write_text('{"instruction": "hi", "output": "hello"}\n' * 4)
+    model, data = saved_tiny(tmp_path)
     args = default_training_args(str(tmp_path / "run"), max_steps=1, use_cpu=True, save_strategy="no",
                                  report_to=[], disable_tqdm=True)
-    prep = prepare(FinetuneConfig(model=str(tmp_path / "m"), data=str(data), method="sppft", layers="1-2",
+    prep = prepare(FinetuneConfig(model=model, data=data, method="sppft", layers="1-2",
                                   device="cpu", out=str(tmp_path / "out")), args)
     assert prep.memory is not None and prep.memory.method == "sppft"          # the check ran and kept its plan
 
