@@ -154,3 +154,26 @@ def test_a_config_only_folder_names_plan(tmp_path):
     with pytest.raises(SafetyLayersError, match="safety-layers plan") as e:
         load_model(str(tmp_path), device="cpu")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("flags,words", [(["--device", "cuda"], "no CUDA GPU"),
+                                         (["--dtype", "float16"], "float16 on a CPU")])
+def test_the_cli_names_a_device_or_dtype_this_machine_lacks(monkeypatch, tmp_path, capsys, flags, words):
+    from safety_layers.cli.main import main
+
+    fake_gpus(monkeypatch, 0)
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(tmp_path / "m")
+    lm.tokenizer.save_pretrained(tmp_path / "m")
+    assert main(["analyze", "--model", str(tmp_path / "m"), "--limit", "2", *flags]) != 0
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1, err
+
+
+def test_experiment_cells_train_where_the_experiment_runs(monkeypatch):
+    from safety_layers.experiment.config import ExperimentConfig
+    from safety_layers.finetune.devices import cpu_args
+
+    fake_gpus(monkeypatch, 1)
+    assert cpu_args(ExperimentConfig(model="m", data="d.jsonl", device="cpu").placement()) == {"use_cpu": True}
+    assert cpu_args(ExperimentConfig(model="m", data="d.jsonl").placement()) == {}

@@ -46,7 +46,7 @@ from ..core.runs import atomic_write, environment, read_json, slug, to_jsonable,
 from ..evaluate import EvaluateResult, evaluate
 from ..finetune import FinetuneConfig
 from ..finetune import run as ft
-from ..finetune.devices import check_grid_memory
+from ..finetune.devices import check_grid_memory, cpu_args
 from ..locate import locate
 from ..scenarios import build_scenario, manifest_path
 from .config import GRID_FIELDS, ExperimentConfig, check_section_keys
@@ -340,7 +340,7 @@ class _Experiment:
                     gradient_accumulation_steps=self.cfg.grad_accum, max_steps=self.cfg.max_steps or -1,
                     save_strategy="no", seed=cell.seed, data_seed=cell.seed, disable_tqdm=not self.progress,
                     logging_strategy="steps" if self.progress else "no", logging_steps=10,
-                    dataloader_pin_memory=torch.cuda.is_available())
+                    dataloader_pin_memory=torch.cuda.is_available(), **cpu_args(self.cfg.placement()))
         args.update(self.cfg.training_args)
         return ft.default_training_args(output_dir, **args)
 
