@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_finetune import RssSampler, _rss_bytes  # noqa: E402
+from bench_finetune import RssSampler, _rss_bytes, child_result  # noqa: E402
 
 
 def long_rows(n: int) -> list[dict]:
@@ -85,15 +84,11 @@ def main() -> int:
         data.write_text("".join(json.dumps(r) + "\n" for r in long_rows(4 * a.batch * a.steps)), encoding="utf-8")
         for m in a.methods.split(","):
             t = time.time()
-            proc = subprocess.run([sys.executable, __file__, "--child", m, "--data", str(data), "--workdir", tmp,
-                                   "--model", a.model, "--steps", str(a.steps), "--batch", str(a.batch),
-                                   "--max-length", str(a.max_length), "--band", a.band, "--threads", str(a.threads)],
-                                  capture_output=True, text=True)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode or not line:
-                print(proc.stderr[-3000:], file=sys.stderr)
+            res[m] = child_result([__file__, "--child", m, "--data", str(data), "--workdir", tmp, "--model", a.model,
+                                   "--steps", str(a.steps), "--batch", str(a.batch), "--max-length", str(a.max_length),
+                                   "--band", a.band, "--threads", str(a.threads)])
+            if res[m] is None:
                 return 1
-            res[m] = json.loads(line[-1][7:])
             print(f"{m}: done in {time.time() - t:.0f} s")
     mb = 1 / 2**20
     print(f"\n{a.model} fp32 on the CPU, batch {a.batch} x {a.max_length} tokens, {a.steps} AdamW steps, "
