@@ -177,3 +177,14 @@ def test_experiment_cells_train_where_the_experiment_runs(monkeypatch):
     fake_gpus(monkeypatch, 1)
     assert cpu_args(ExperimentConfig(model="m", data="d.jsonl", device="cpu").placement()) == {"use_cpu": True}
     assert cpu_args(ExperimentConfig(model="m", data="d.jsonl").placement()) == {}
+
+
+def test_experiment_command_line_device_and_dtype_override_the_file(tmp_path):
+    from safety_layers.experiment.config import ExperimentConfig
+
+    path = tmp_path / "e.yaml"
+    path.write_text("model: m\ndata: d.jsonl\ndtype: float32\nevaluate: {limit: 2}\n")
+    assert ExperimentConfig.from_yaml(path).dtype == "float32"
+    cfg = ExperimentConfig.from_yaml(path, device="cpu", dtype="bfloat16")
+    assert (cfg.device, cfg.dtype, cfg.evaluate.dtype) == ("cpu", "bfloat16", "bfloat16")
+    assert ExperimentConfig.from_yaml(path, device=None, dtype=None).dtype == "float32"   # unset flags keep the file

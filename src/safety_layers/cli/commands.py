@@ -14,6 +14,7 @@ import io
 from pathlib import Path
 
 from ..core.errors import SafetyLayersError
+from ..core.placement import DEVICE_HELP, DTYPE_HELP, DTYPES
 
 
 def is_main_process() -> bool:
@@ -258,6 +259,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 def experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="experiment YAML (see examples/experiment-demo.yaml)")
     p.add_argument("--name", help="which experiment of a file that holds several (---)")
+    p.add_argument("--device", help=f"{DEVICE_HELP} (overrides the file's device:)")
+    p.add_argument("--dtype", choices=DTYPES, help=f"{DTYPE_HELP} (overrides the file's dtype:)")
     p.add_argument("--out", help="run folder (default runs/experiment-<name>-<time>); rerun it to resume")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
@@ -268,7 +271,7 @@ def run_experiment(args: argparse.Namespace) -> int:
     from ..experiment import ExperimentConfig, run_experiment as run
 
     library_bars(args.progress)
-    cfg = ExperimentConfig.from_yaml(args.config, args.name)
+    cfg = ExperimentConfig.from_yaml(args.config, args.name, device=args.device, dtype=args.dtype)
     paper_note(cfg)
     result = run(cfg, args.out, progress=args.progress)
     folder = Path(result.run_dir)

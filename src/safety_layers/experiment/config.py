@@ -272,8 +272,9 @@ class ExperimentConfig:
         return from_mapping(cls, data, where)
 
     @classmethod
-    def from_yaml(cls, path: str | Path, name: str | None = None) -> "ExperimentConfig":
-        """Read a YAML file; a file of several documents (``---``) needs ``name`` to pick one."""
+    def from_yaml(cls, path: str | Path, name: str | None = None, **overrides) -> "ExperimentConfig":
+        """Read a YAML file; a file of several documents (``---``) needs ``name`` to pick one.
+        ``overrides`` not None replace the file's settings (the command line's --device, --dtype)."""
         docs = load_yaml(path, documents=True)
         if not docs:
             raise SafetyLayersError(f"{path} is empty: give a mapping of experiment settings")
@@ -286,7 +287,7 @@ class ExperimentConfig:
                 raise SafetyLayersError(f"{path} has no experiment named {name!r}; names: "
                                         f"{', '.join(str(n) for n in names)}")
             docs = [docs[names.index(name)]]
-        return cls.from_dict(docs[0], where=str(path))
+        return cls.from_dict({**docs[0], **{k: v for k, v in overrides.items() if v is not None}}, where=str(path))
 
 
 def _lr(x) -> float:
