@@ -166,7 +166,7 @@ def resolve_placement(device: str | None = "auto", dtype="auto", device_map: str
 
 
 def as_placement(value=None) -> Placement:
-    """A Placement from a Placement, a config with :class:`DeviceSettings`, or None (the defaults)."""
+    """A Placement from a Placement, a config with :func:`device_settings`, or None (the defaults)."""
     if isinstance(value, Placement):
         return value
     if has_device_settings(value):
