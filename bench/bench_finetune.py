@@ -109,6 +109,17 @@ def child(a) -> dict:
             "threads": torch.get_num_threads(), "device": device or "cpu"}
 
 
+def child_result(argv: list[str]) -> dict | None:
+    """Run ``python ARGV`` (a bench in --child mode) and return the JSON of its ``RESULT`` line;
+    None, with its stderr printed, when it failed."""
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return None
+    return json.loads(line[-1][7:])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=200)
@@ -133,14 +144,11 @@ def main():
         data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         for m in a.methods.split(","):
             t = time.time()
-            proc = subprocess.run([sys.executable, __file__, "--child", m, "--data", str(data), "--workdir", tmp,
+            res[m] = child_result([__file__, "--child", m, "--data", str(data), "--workdir", tmp,
                                    "--steps", str(a.steps), "--batch", str(a.batch), "--max-length", str(a.max_length),
-                                   "--band", a.band, "--threads", str(a.threads)], capture_output=True, text=True)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode or not line:
-                print(proc.stderr[-3000:], file=sys.stderr)
+                                   "--band", a.band, "--threads", str(a.threads)])
+            if res[m] is None:
                 return 1
-            res[m] = json.loads(line[-1][7:])
             print(f"{m}: done in {time.time() - t:.0f} s")
 
     mb = 1 / 2**20

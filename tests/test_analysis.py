@@ -91,9 +91,9 @@ def test_paper_mode_sets_only_what_is_unset():
     from safety_layers.analysis import AnalyzeConfig
 
     cfg = AnalyzeConfig(paper=True)
-    assert (cfg.template, cfg.range_curve, cfg.paper_set) == ("alpaca", "raw", ["template=alpaca", "range_curve=raw"])
+    assert (cfg.template, cfg.range_curve, cfg.paper_set) == ("alpaca", "raw", ["template=alpaca", "range_curve=raw", "dtype=float32"])
     kept = AnalyzeConfig(paper=True, template="chat")
-    assert (kept.template, kept.range_curve, kept.paper_set) == ("chat", "raw", ["range_curve=raw"])
+    assert (kept.template, kept.range_curve, kept.paper_set) == ("chat", "raw", ["range_curve=raw", "dtype=float32"])
     ours = AnalyzeConfig()
     assert (ours.model, ours.template, ours.range_curve, ours.paper_set) == ("demo", "chat", "centred", [])
 

@@ -308,7 +308,7 @@ def test_bad_config_is_one_clear_error(kwargs, message):
 def test_paper_mode_counts_every_candidate_by_generation_on_the_alpaca_template():
     cfg = LocateConfig(paper=True)
     assert (cfg.template, cfg.screen, cfg.max_new_tokens) == ("alpaca", "generation", 16)
-    assert cfg.paper_set == ["template=alpaca", "screen=generation", "judge=keyword"] and LocateConfig().paper_set == []
+    assert cfg.paper_set == ["template=alpaca", "screen=generation", "judge=keyword", "dtype=float32"] and LocateConfig().paper_set == []
     assert LocateConfig(paper=True, template="chat").template == "chat"  # what the user set stays
     assert LocateConfig(paper=True, screen="proxy").screen == "proxy"
     assert LocateConfig().screen == "proxy" and LocateConfig(malicious="none").malicious is None

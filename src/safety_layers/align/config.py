@@ -17,6 +17,7 @@ from typing import Literal
 from ..core.config import check_keys, check_types, load_yaml, settle
 from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
+from ..core.placement import device_settings
 
 Method = Literal["full", "lora"]
 #: Recipes shipped with the package: name -> file under ``safety_layers/recipes``.
@@ -31,6 +32,7 @@ def _opt(default, help: str, cli: bool = False):
 
 
 @dataclass
+@device_settings
 class AlignConfig:
     """One alignment recipe (``safety-layers align``). Data fields left None use the bundled files."""
 
@@ -129,6 +131,9 @@ class AlignConfig:
                 raise SafetyLayersError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 <= self.recovery_fraction <= 1:
             raise SafetyLayersError(f"recovery_fraction must be in [0, 1], got {self.recovery_fraction}")
+        if self.device_map:
+            raise SafetyLayersError("align trains the model: spread it over GPUs with DeepSpeed ZeRO-3 or FSDP "
+                                    "(training_args; see examples/), not device_map")
         if self.frozen_layers is not None:
             LayerRange.parse(self.frozen_layers)  # a malformed range fails now, not after distilling
         if self.checkpoint_minutes < 0:
@@ -144,7 +149,9 @@ class AlignConfig:
                            prefix_cache=self.prefix_cache, kind_weights={"benign": self.benign_weight},
                            opening_tokens=self.opening_tokens, opening_weight=self.opening_weight,
                            unlikelihood_weight=self.unlikelihood_weight, frozen_layers=self.frozen_layers,
-                           training_args=dict(self.training_args), checkpoint_seconds=60 * self.checkpoint_minutes)
+                           training_args={**({"use_cpu": True} if self.device == "cpu" else {}),
+                                          **self.training_args},
+                           checkpoint_seconds=60 * self.checkpoint_minutes)
 
 
 def recipe_path(recipe: str) -> Path:

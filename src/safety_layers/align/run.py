@@ -125,7 +125,7 @@ def align(cfg: AlignConfig | None = None, *, model=None, manifest: dict | None =
     cfg = cfg or AlignConfig()
     t0 = time.perf_counter()
     out = check_out_dir(Path(cfg.out) if cfg.out else _default_out(cfg.model), overwrite=cfg.overwrite, whole=True)
-    lm = load_or_use(model if model is not None else cfg.model)
+    lm = load_or_use(model if model is not None else cfg.model, cfg)
     if cfg.frozen_layers is not None:  # before minutes of distilling, not after
         LayerRange.parse(cfg.frozen_layers).check(len(lm.blocks.layers))
     notes = []
@@ -150,7 +150,7 @@ def align(cfg: AlignConfig | None = None, *, model=None, manifest: dict | None =
         fingerprint=lm.fingerprint(), template=template, config=asdict(cfg), counts=data.counts,
         train=asdict(stats), refusal=refusal, seconds=seconds, notes=notes)
     t = time.perf_counter()
-    record = {"kind": "safety-layers aligned model", **asdict(result), "environment": environment(),
+    record = {"kind": "safety-layers aligned model", **asdict(result), "environment": environment(lm),
               **(manifest or {})}
     _save_with_manifest(lm, out, record, cfg.overwrite)
     shutil.rmtree(work_folder(out), ignore_errors=True)

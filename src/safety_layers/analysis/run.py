@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..core.config import from_mapping, settle
 from ..core.errors import SafetyLayersError
+from ..core.placement import device_settings
 from ..core.runs import read_json, write_json
 from .curves import Curves, analyze_states
 
@@ -23,6 +24,7 @@ KNOB = {"cli": False}
 
 
 @dataclass
+@device_settings(map_flag=True)
 class AnalyzeConfig:
     """Settings of one existence analysis (``safety-layers analyze``)."""
 
@@ -114,7 +116,7 @@ def _reference(lm, cfg: AnalyzeConfig, normal, malicious, stats: dict) -> dict:
     """The reference model's curves on the same prompts, and the model's minus the reference's."""
     from ..core.models import load_or_use
 
-    ref = load_or_use(cfg.reference_model)
+    ref = load_or_use(cfg.reference_model, cfg)
     if len(ref.blocks) != len(lm.blocks):
         raise SafetyLayersError(
             f"reference model has {len(ref.blocks)} layers, the model {len(lm.blocks)}: compare models of one family")
@@ -140,7 +142,7 @@ def _write(run_dir: Path, cfg: AnalyzeConfig, result: AnalyzeResult, lm, normal,
 
     run_dir = Path(run_dir)
     write_json(run_dir / "config.json", cfg)
-    write_json(run_dir / "env.json", {**environment(), "model_fingerprint": lm.fingerprint(),
+    write_json(run_dir / "env.json", {**environment(lm), "model_fingerprint": lm.fingerprint(),
                                       "normal_source": normal.source, "malicious_source": malicious.source})
     save_file({"normal": hn.contiguous(), "malicious": hm.contiguous()}, str(run_dir / "hidden_states.safetensors"))
     plot_analysis(result, run_dir / "analysis.png")
@@ -160,7 +162,7 @@ def analyze(cfg: AnalyzeConfig | None = None, *, model=None, run_dir=None) -> An
     cfg = cfg or AnalyzeConfig()
     normal = load_prompts(cfg.normal, cfg.limit).require(2, "normal prompts")
     malicious = load_prompts(cfg.malicious, cfg.limit).require(2, "malicious prompts")
-    lm = load_or_use(model if model is not None else cfg.model)
+    lm = load_or_use(model if model is not None else cfg.model, cfg)
     hn, hm = _states(lm, cfg, normal, malicious)
     stats = analyze_states(hn, hm, pairs=cfg.pairs, range_curve=cfg.range_curve, bootstrap=cfg.bootstrap,
                            seed=cfg.seed, probe=cfg.probe)

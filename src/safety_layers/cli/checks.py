@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 
-from ..core.errors import SafetyLayersError
 
 
 def check_inputs(cfg, *, prompts=(), files=(), models=()) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..core.errors import SafetyLayersError
 from .checks import check_inputs
+from ..core.placement import DEVICE_HELP, DTYPE_HELP, DTYPES
 
 
 def is_main_process() -> bool:
@@ -247,6 +248,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     cfg = build_config(FinetuneConfig, args, ours)
     paper_note(cfg)
     theirs.setdefault("output_dir", str(default_run_dir("finetune", cfg.model, cfg.method)))
+    if cfg.device == "cpu":
+        theirs.setdefault("use_cpu", True)          # the Trainer picks its device itself
     targs = training_arguments(theirs, args.passthrough)
     library_bars(not targs.disable_tqdm)
     main = is_main_process()
@@ -270,6 +273,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 def experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="experiment YAML (see examples/experiment-demo.yaml)")
     p.add_argument("--name", help="which experiment of a file that holds several (---)")
+    p.add_argument("--device", help=f"{DEVICE_HELP} (overrides the file's device:)")
+    p.add_argument("--dtype", choices=DTYPES, help=f"{DTYPE_HELP} (overrides the file's dtype:)")
     p.add_argument("--out", help="run folder (default runs/experiment-<name>-<time>); rerun it to resume")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
@@ -282,7 +287,7 @@ def run_experiment(args: argparse.Namespace) -> int:
     from ..experiment import ExperimentConfig, run_experiment as run
 
     library_bars(args.progress)
-    cfg = ExperimentConfig.from_yaml(args.config, args.name)
+    cfg = ExperimentConfig.from_yaml(args.config, args.name, device=args.device, dtype=args.dtype)
     paper_note(cfg)
     if args.dry_run:
         from ..experiment.plan import plan_text

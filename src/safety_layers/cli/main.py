@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core.errors import SafetyLayersError
-from . import commands, judge_check
+from . import commands, judge_check, plan
 from .args import add_config_args, build_config
 from .checks import os_error_line
 
@@ -144,6 +144,14 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             "Run each judge on labelled replies and print accuracy, refusal precision, recall, F1 and Cohen's kappa, "
             "per judge and per reply style, so a judge can be validated on a model's own replies before its rates "
             "are trusted.", judge_check.run, yaml=False, epilog=judge_check.EPILOG, extra=judge_check.add_args),
+    Command("plan", "parameters, frozen fraction and memory per stage of a fine-tuning, before anything loads",
+            "Build the model from its config on the meta device (no weight is read: a folder holding only "
+            "config.json is enough), apply the method's freezing, and print total, trainable and frozen "
+            "parameters and the memory of inference and of one training step (weights, gradients, AdamW "
+            "states, activations with and without gradient checkpointing) next to the devices found.",
+            plan.run_plan, "safety_layers.finetune.plan:PlanConfig",
+            epilog="examples:\n  safety-layers plan --model meta-llama/Meta-Llama-3-8B-Instruct --band 6-12\n"
+                   "  safety-layers plan --model ./llama-config-folder --method full --dtype float32 --json\n"),
     Command("demo", "the whole method on the embedded model: align, analyze, locate, attack, SPPFT, evaluate, report",
             "Builds (or reuses) the aligned demo model, compares it with the bare model, locates its safety "
             "layers, fine-tunes with full FT and SPPFT under the implicit attack, evaluates both and writes "

@@ -506,31 +506,40 @@ def layer_count(name: str) -> int | None:
     return None
 
 
-def load_model(name: str = DEFAULT_MODEL, *, dtype="float32", device: str | None = None,
-               trust_remote_code: bool = False, revision: str | None = None,
+def load_model(name: str = DEFAULT_MODEL, *, dtype="auto", device: str | None = "auto",
+               device_map: str | None = None, trust_remote_code: bool = False, revision: str | None = None,
                allow_pickle: bool | None = None) -> LoadedModel:
     """Load a causal LM by alias, GGUF file, local folder or Hugging Face id.
 
-    Local folders and hub models load safetensors only (``allow_pickle=True``, or the CLI's
-    ``--allow-pickle``, to accept ``.bin``) and never run remote code unless
-    ``trust_remote_code`` is set. A folder that is not a model and a hub id that cannot be
-    reached fail with one line before transformers is asked. The tokenizer uses left
-    padding off; callers pad as they need.
+    ``device``, ``dtype`` and ``device_map`` follow the package's one policy
+    (:mod:`~safety_layers.core.placement`): by default the GPU in bf16 when there is one, the
+    CPU in fp32 otherwise. Local folders and hub models load safetensors only
+    (``allow_pickle=True``, or the CLI's ``--allow-pickle``, to accept ``.bin``) and never run
+    remote code unless ``trust_remote_code`` is set. A folder that is not a model and a hub id
+    that cannot be reached fail with one line before transformers is asked. The tokenizer uses
+    left padding off; callers pad as they need.
     """
+    from .placement import resolve_placement
+
     _quiet_transformers()
+    place = resolve_placement(device, dtype, device_map)
     kind, loc = model_location(name)
+    if kind == "folder":
+        require_weights(loc)
     if kind == "gguf":
         check_model(loc)
-        model, tok = load_gguf(loc, dtype=dtype)
+        model, tok = load_gguf(loc, dtype=place.dtype)
         model = rebuild(model)
     else:
         pickle = check_model_folder(loc, allow_pickle) if kind == "folder" else pickle_allowed(allow_pickle)
         offline = kind == "hub" and hub_source(loc, revision) == "cached"
-        model, tok = _from_pretrained(name, loc, dtype=_dtype(dtype), trust_remote_code=trust_remote_code,
-                                      revision=revision, use_safetensors=None if pickle else True,
-                                      local_files_only=offline)
-    if device:
-        model = model.to(device)
+        kwargs = dict(dtype=place.dtype, trust_remote_code=trust_remote_code, revision=revision,
+                      use_safetensors=None if pickle else True, local_files_only=offline)
+        if place.device_map or place.on_gpu:     # straight onto the GPU(s), no CPU copy of the weights
+            kwargs["device_map"] = place.device_map or place.device
+        model, tok = _from_pretrained(name, loc, **kwargs)
+    if not place.device_map and next(model.parameters()).device != torch.device(place.device):
+        model = model.to(place.device)
     model.eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -561,12 +570,26 @@ def _from_pretrained(name: str, loc: str, **kwargs):
     return model, tok
 
 
-def load_or_use(model) -> LoadedModel:
-    """Accept a LoadedModel, a model name, or a (model, tokenizer) pair."""
+def require_weights(folder: str | Path) -> None:
+    """One line for a folder that holds a model's config.json but no weights: only ``plan`` reads those."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
+        return
+    if not any(p.suffix in (".safetensors", ".bin", ".pt", ".pth") for p in folder.iterdir()):
+        raise SafetyLayersError(f"{folder} holds a config.json but no weights (*.safetensors): this command needs "
+                                f"the weights; `safety-layers plan --model {folder}` works on the config alone")
+
+
+def load_or_use(model, settings=None) -> LoadedModel:
+    """Accept a LoadedModel, a model name, or a (model, tokenizer) pair. A name is loaded
+    with ``settings`` (a step config's device settings or a Placement; None: the defaults)."""
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, str):
-        return load_model(model)
+        from .placement import as_placement
+
+        place = as_placement(settings)
+        return load_model(model, device=place.device, dtype=place.dtype, device_map=place.device_map)
     if isinstance(model, tuple) and len(model) == 2:
         m, tok = model
         if tok.pad_token_id is None:

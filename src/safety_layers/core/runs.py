@@ -275,8 +275,9 @@ def run_folder(verb: str, model: str, out: str | Path | None = None, *, overwrit
                     break
 
 
-def environment() -> dict:
-    """Versions and machine facts that produced a result."""
+def environment(model=None) -> dict:
+    """Versions and machine facts that produced a result; with ``model`` (a LoadedModel or a
+    module) also where its weights ran: device and dtype as resolved by the loader."""
     import torch
     import transformers
 
@@ -287,6 +288,10 @@ def environment() -> dict:
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "format_version": FORMAT_VERSION}
+    if model is not None:
+        from .placement import describe
+
+        env.update(describe(getattr(model, "model", model)))
     try:
         env["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                     cwd=Path(__file__).parent, timeout=5).stdout.strip() or None

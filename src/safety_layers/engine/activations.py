@@ -131,7 +131,8 @@ def _forward_last(lm: LoadedModel, ids: list[list[int]], upto: int, final_norm: 
     def hook_for(i):
         def hook(_module, _inputs, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            captured[i] = hidden[rows, last].float()
+            # fp32 copies on one device (blocks may sit on several GPUs under a device map)
+            captured[i] = hidden[rows, last].to(device=device, dtype=torch.float32)
         return hook
 
     kwargs = {"use_cache": False}
@@ -145,7 +146,8 @@ def _forward_last(lm: LoadedModel, ids: list[list[int]], upto: int, final_norm: 
     _run_until(lm, input_ids, upto, hook_for, **kwargs)
     out = torch.stack(captured, dim=1)
     if final_norm and upto == len(blocks) - 1 and blocks.final_norm is not None:
-        out[:, -1] = blocks.final_norm(out[:, -1].to(next(blocks.final_norm.parameters()).dtype)).float()
+        norm = next(blocks.final_norm.parameters())
+        out[:, -1] = blocks.final_norm(out[:, -1].to(norm.device, norm.dtype)).to(device, torch.float32)
     return out
 
 

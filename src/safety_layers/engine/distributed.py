@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from contextlib import contextmanager
 from typing import Any, Callable, Sequence, TypeVar
 
 from ..core.errors import SafetyLayersError
@@ -179,3 +180,53 @@ def shutdown() -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
     _GROUP, _CREATED = None, False
+
+
+# --------------------------------------------------------------------------- sharded training
+
+#: wrapper names that FSDP (v1), activation checkpointing and DDP put into parameter names
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name as the unwrapped model has it (DDP's ``module.``, FSDP's wrappers dropped)."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name.removeprefix("module.")
+
+
+def _fsdp1_root(model):
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:      # a torch without distributed support
+        return None
+    return next((m for m in model.modules() if isinstance(m, FSDP)), None)
+
+
+@contextmanager
+def full_parameters(model, names=None):
+    """``{name: full tensor}`` of ``model``'s parameters (a module, or a mapping name -> parameter;
+    ``names``: a subset, by plain name),
+    whatever holds the model: one process, DDP, FSDP2 (each DTensor gathered with
+    ``full_tensor``), FSDP1 (``summon_full_params``) or DeepSpeed ZeRO-3 (``GatheredParameters``).
+    Every process of the group must enter it together; the values are read-only copies or views.
+    """
+    wanted = set(names) if names is not None else None
+
+    def pick():
+        items = model.items() if isinstance(model, dict) else model.named_parameters()
+        return {plain_name(n): p for n, p in items if wanted is None or plain_name(n) in wanted}
+
+    chosen = pick()
+    if any(hasattr(p, "ds_id") for p in chosen.values()):          # DeepSpeed ZeRO-3
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(chosen.values()), modifier_rank=None):
+            yield {n: p.detach() for n, p in chosen.items()}
+        return
+    root = None if isinstance(model, dict) else _fsdp1_root(model)
+    if root is not None:                                            # FSDP1 (use_orig_params=True)
+        with type(root).summon_full_params(model, writeback=False, with_grads=False):
+            yield {n: p.detach() for n, p in pick().items()}
+        return
+    yield {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach() for n, p in chosen.items()}

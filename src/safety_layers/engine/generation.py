@@ -496,9 +496,9 @@ def generate(model, prompts: list[str], settings: GenerationSettings | None = No
             todo[k] = _Row(key=k, ids=i)
     first_prompt = dict(zip(keys, prompts))
 
-    if todo and backend == "vllm":
+    comps = generate_vllm(lm, [r.ids for r in todo.values()], s, stop_ids) if todo and backend == "vllm" else None
+    if comps is not None:
         rows = list(todo.values())
-        comps = generate_vllm(lm, [r.ids for r in rows], s, stop_ids)
         for r, c in zip(rows, comps):
             c.prompt = first_prompt[r.key]
             done[r.key] = c
@@ -555,30 +555,14 @@ def _run_hf(lm: LoadedModel, rows: list[_Row], s: GenerationSettings, stop_ids: 
 
 
 def generate_vllm(lm: LoadedModel, prompt_ids: list[list[int]], s: GenerationSettings,
-                  stop_ids: list[int]) -> list[Completion]:
-    """Tokenized prompts through vLLM (GPU); vllm is imported only when asked for.
+                  stop_ids: list[int]) -> list[Completion] | None:
+    """Tokenized prompts through vLLM (:mod:`.vllm_backend`: one engine per model, reused; an
+    adapter folder served through vLLM's LoRA support); None, with the reason printed, when vLLM
+    cannot serve this model and the caller falls back to HF."""
+    from .vllm_backend import vllm_outputs
 
-    vLLM loads the weights from ``lm.source`` (a model folder), so edits made to the model in
-    memory (scaling, unsaved fine-tuning) are not seen: save the model first. Token ids, not
-    text, are passed so vLLM cannot add a second BOS to a chat template.
-    """
-    try:
-        from vllm import LLM, SamplingParams
-    except ImportError:
-        raise SafetyLayersError("vLLM is not installed: pip install vllm (GPU only) or use --backend hf") from None
-    if not Path(lm.source).is_dir():
-        raise SafetyLayersError(f"vLLM loads models from a folder, but this one came from {lm.source!r}: "
-                                "save it with save_model() and load that folder, or use --backend hf")
-    llm = LLM(model=lm.source, tokenizer=lm.source, seed=s.seed)
-    params = SamplingParams(
-        max_tokens=s.max_new_tokens, temperature=s.temperature if s.do_sample else 0.0,
-        top_p=s.top_p if s.do_sample else 1.0, top_k=(s.top_k or -1) if s.do_sample else -1,
-        seed=s.seed if s.do_sample else None, stop=s.stop_strings, stop_token_ids=stop_ids,
-        skip_special_tokens=True)
-    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
-    comps = []
-    for o in outs:
-        c = o.outputs[0]
-        comps.append(Completion(prompt="", text=c.text, num_tokens=len(c.token_ids),
-                                finished=c.finish_reason == "stop", token_ids=list(c.token_ids)))
-    return comps
+    outs = vllm_outputs(lm, prompt_ids, s, stop_ids)
+    if outs is None:
+        return None
+    return [Completion(prompt="", text=c.text, num_tokens=len(c.token_ids), finished=c.finish_reason == "stop",
+                       token_ids=list(c.token_ids)) for c in outs]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ..core.config import settle
 from ..core.errors import SafetyLayersError
+from ..core.placement import device_settings
 from ..engine.generation import GenerationSettings
 
 #: Judges :class:`EvaluateConfig` knows by name. ``proxy`` is the first-token refusal proxy,
@@ -31,6 +32,7 @@ def _skip(value):
 
 
 @dataclass
+@device_settings(map_flag=True)
 class EvaluateConfig:
     """Settings of one evaluation (``safety-layers evaluate``). A set given as None is skipped."""
 
@@ -143,7 +145,8 @@ class EvaluateConfig:
         if name == "dummy":
             return {"marker": self.dummy_marker}
         if name == "classifier":
-            return {"model": self.classifier_model, "kind": self.classifier_kind}
+            return {"model": self.classifier_model, "kind": self.classifier_kind, "device": self.device,
+                    "dtype": self.dtype}
         if name == "llm":
             opts = {"model": self.judge_model, "api_key_env": self.judge_key_env, **(self.judge_options or {})}
             if self.judge_url:

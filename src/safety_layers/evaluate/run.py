@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import SafetyLayersError
-from ..core.models import LoadedModel, load_model, load_or_use
+from ..core.models import LoadedModel, load_or_use
 from ..core.runs import atomic_write, environment, read_json, to_jsonable, write_json
 from ..core.stats import wilson_interval
 from ..engine.distributed import run_on_main, world
@@ -135,12 +135,7 @@ class _Evaluation:
 
     def load(self, model) -> None:
         t = time.perf_counter()
-        if model is not None:
-            self.lm = load_or_use(model)
-        else:
-            import torch
-
-            self.lm = load_model(self.cfg.model, device=f"cuda:{self.w.local_rank}" if torch.cuda.is_available() else None)
+        self.lm = load_or_use(model if model is not None else self.cfg.model, self.cfg)
         self.seconds["load"] = round(time.perf_counter() - t, 3)
 
     def _generate(self, prompts: list[str], settings: GenerationSettings) -> list[Completion]:
@@ -194,7 +189,7 @@ class _Evaluation:
             return
         lm = self.lm
         write_json(self.run_dir / "config.json", self.cfg)
-        write_json(self.run_dir / "env.json", {**environment(), "model": lm.name, "model_source": lm.source,
+        write_json(self.run_dir / "env.json", {**environment(lm), "model": lm.name, "model_source": lm.source,
                                                "model_fingerprint": lm.fingerprint(), "processes": self.w.size,
                                                "sets": {r.ps.name: r.ps.source for r in self.runs}})
 

@@ -20,6 +20,7 @@ from ..analysis import AnalyzeConfig
 from ..core.config import from_mapping, init_fields, load_yaml, settle
 from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
+from ..core.placement import device_settings
 from ..core.runs import to_jsonable
 from ..evaluate import EvaluateConfig
 from ..finetune.config import BASELINE_FIELDS
@@ -29,9 +30,10 @@ from .grid import BASE_METHODS, SCENARIO_KINDS, method_label, parse_scenario, sc
 #: Settings a rerun may change: they add or drop cells, or only change what is written.
 GRID_FIELDS = ("name", "scenarios", "methods", "lrs", "lr_overrides", "seeds", "keep_models", "drift")
 #: Step settings the experiment decides, so its sections may not set them.
-SECTION_FIXED = ("model", "out", "overwrite", "progress")
+SECTION_FIXED = ("model", "out", "overwrite", "progress", "device", "dtype", "device_map")
 #: The training settings a cell's FinetuneConfig takes from the experiment under the same name.
-FINETUNE_KEYS = ("template", "train_on_inputs", "paper", "freeze_norms", "max_length", "lora_r", "lora_alpha", "dtype")
+FINETUNE_KEYS = ("template", "train_on_inputs", "paper", "freeze_norms", "max_length", "lora_r", "lora_alpha", "dtype",
+                "device")
 _DERIVED = ("paper_set",)
 _YAML = {"cli": False}   # a setting for YAML files and Python, not a command-line flag
 _SECTIONS = {"evaluate": EvaluateConfig, "analysis": AnalyzeConfig, "locate": LocateConfig}
@@ -91,6 +93,7 @@ class DriftConfig:
 
 
 @dataclass
+@device_settings
 class ExperimentConfig:
     """One SPPFT experiment (``safety-layers experiment run.yaml``).
 
@@ -146,7 +149,6 @@ class ExperimentConfig:
     freeze_norms: bool = field(default=False, metadata={"help": "also freeze the band's norms", **_YAML})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank", **_YAML})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha", **_YAML})
-    dtype: str = field(default="float32", metadata={"help": "weights dtype (paper: float32)", **_YAML})
     win_rate: bool = field(default=False, metadata={
         "help": "AlpacaEval-style win rate of each cell's quality answers over the untuned model's "
                 "(needs evaluate.quality, judge_url and judge_model)", **_YAML})
@@ -225,14 +227,16 @@ class ExperimentConfig:
         """The step config of section ``name`` from a mapping (the experiment's template and paper
         filling what it leaves unset) or from a config object; the model is always the experiment's."""
         cls = _SECTIONS[name]
+        fixed = {"model": self.model, "device": self.device, "dtype": self.dtype, "device_map": self.device_map}
         if isinstance(value, cls):
             section = copy.copy(value)
-            section.model = self.model
+            for key, v in fixed.items():
+                setattr(section, key, v)
             return section
         allowed = [k for k in init_fields(cls) if k not in SECTION_FIXED]
         check_section_keys(name, value, allowed)
         flow = {"template": self.template, "paper": self.paper}
-        return from_mapping(cls, {**flow, **value}, name, model=self.model)
+        return from_mapping(cls, {**flow, **value}, name, **fixed)
 
     # ----- what the steps read
 
@@ -279,8 +283,9 @@ class ExperimentConfig:
         return from_mapping(cls, data, where)
 
     @classmethod
-    def from_yaml(cls, path: str | Path, name: str | None = None) -> "ExperimentConfig":
-        """Read a YAML file; a file of several documents (``---``) needs ``name`` to pick one."""
+    def from_yaml(cls, path: str | Path, name: str | None = None, **overrides) -> "ExperimentConfig":
+        """Read a YAML file; a file of several documents (``---``) needs ``name`` to pick one.
+        ``overrides`` not None replace the file's settings (the command line's --device, --dtype)."""
         docs = load_yaml(path, documents=True)
         if not docs:
             raise SafetyLayersError(f"{path} is empty: give a mapping of experiment settings")
@@ -293,7 +298,7 @@ class ExperimentConfig:
                 raise SafetyLayersError(f"{path} has no experiment named {name!r}; names: "
                                         f"{', '.join(str(n) for n in names)}")
             docs = [docs[names.index(name)]]
-        return cls.from_dict(docs[0], where=str(path))
+        return cls.from_dict({**docs[0], **{k: v for k, v in overrides.items() if v is not None}}, where=str(path))
 
 
 def _lr(x) -> float:

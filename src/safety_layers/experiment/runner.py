@@ -47,6 +47,7 @@ from ..core.runs import LOCK_NAME, atomic_write, environment, read_json, slug, t
 from ..evaluate import EvaluateResult, evaluate
 from ..finetune import FinetuneConfig
 from ..finetune import run as ft
+from ..finetune.devices import check_grid_memory, cpu_args
 from ..locate import locate
 from ..scenarios import build_scenario, manifest_path, read_harmful
 from .config import GRID_FIELDS, ExperimentConfig, check_section_keys
@@ -115,12 +116,13 @@ def write_results(run_dir: str | Path, order: list[Cell] | None = None) -> dict:
 
 
 def _protocol(config: dict) -> dict:
-    """What a finished cell's numbers depend on: the settings less the grid, resolved as this release reads them."""
+    """What a finished cell's numbers depend on: the settings less the grid and where they ran (device),
+    resolved as this release reads them."""
     try:
         config = json.loads(json.dumps(ExperimentConfig.from_dict(config).to_dict()))
     except SafetyLayersError:
         pass   # settings this release cannot read: compare them as written
-    return {k: v for k, v in config.items() if k not in GRID_FIELDS + ("paper_set",)}
+    return {k: v for k, v in config.items() if k not in GRID_FIELDS + ("paper_set", "device", "device_map")}
 
 
 def _open_run(run: Path, cfg: ExperimentConfig) -> dict:
@@ -182,7 +184,7 @@ def _load_tuned(folder: Path, base):
         model = PeftModel.from_pretrained(copy.deepcopy(base.model), str(folder)).merge_and_unload().eval()
         return LoadedModel(model, base.tokenizer, f"{base.name}+adapter", str(folder), find_blocks(model))
     device = next(base.model.parameters()).device
-    return load_model(str(folder), device=str(device) if device.type != "cpu" else None)
+    return load_model(str(folder), device=str(device), dtype=next(base.model.parameters()).dtype)
 
 
 def _free(model=None):
@@ -222,8 +224,7 @@ class _Experiment:
                 self.base = load_or_use(self._given)
             else:
                 self.log(f"[bold]model[/bold] loading {self.cfg.model}")
-                self.base = load_model(self.cfg.model, dtype=self.cfg.dtype,
-                                       device="cuda" if torch.cuda.is_available() else None)
+                self.base = load_or_use(self.cfg.model, self.cfg)
         return self.base
 
     def fresh_copy(self):
@@ -340,7 +341,7 @@ class _Experiment:
                     gradient_accumulation_steps=self.cfg.grad_accum, max_steps=self.cfg.max_steps or -1,
                     save_strategy="no", seed=cell.seed, data_seed=cell.seed, disable_tqdm=not self.progress,
                     logging_strategy="steps" if self.progress else "no", logging_steps=10,
-                    dataloader_pin_memory=torch.cuda.is_available())
+                    dataloader_pin_memory=torch.cuda.is_available(), **cpu_args(self.cfg.placement()))
         args.update(self.cfg.training_args)
         return ft.default_training_args(output_dir, **args)
 
@@ -563,6 +564,8 @@ def run_experiment(cfg: ExperimentConfig | dict, run_dir: str | Path | None = No
     run = Path(run_dir) if run_dir else Path("runs") / f"experiment-{slug(cfg.name or cfg.model)}-{time.strftime('%Y%m%d-%H%M%S')}"
     _check_inputs(cfg)
     exp = _open_run(run, cfg)
+    if model is None:
+        check_grid_memory(cfg)        # a grid that cannot train here stops before the model loads
     ex = _Experiment(cfg, run, progress, model)
     ex.log(f"[bold]experiment[/bold] {run}")
     cells = grid(cfg)

@@ -16,6 +16,10 @@ def _fingerprint(p: torch.Tensor) -> tuple[float, torch.Tensor]:
     return float(flat.sum(dtype=torch.float64)), flat[::step].clone()
 
 
+def _same(a: tuple[float, torch.Tensor], b: tuple[float, torch.Tensor]) -> bool:
+    return a[0] == b[0] and torch.equal(a[1], b[1])
+
+
 @functools.lru_cache(maxsize=1)
 def freeze_check_class():
     """Built on first use: importing ``transformers.TrainerCallback`` costs seconds."""
@@ -25,14 +29,17 @@ def freeze_check_class():
         """Fails the run if a frozen parameter reaches the optimizer or changes during training.
 
         Also prints how many tensors and parameters each optimizer group holds (on the main
-        process). Parameters sharded away from this process (ZeRO-3, FSDP) are skipped and the
-        check reports it.
+        process). Under FSDP and DeepSpeed ZeRO-3 the values are gathered from the shards through
+        :func:`~safety_layers.engine.distributed.full_parameters` on every process.
         """
 
         def __init__(self, frozen: dict[str, torch.nn.Parameter], verbose: bool = True):
             self.frozen = frozen
             self.verbose = verbose
-            self.before = {n: _fingerprint(p) for n, p in frozen.items() if p.numel()}
+            from ..engine.distributed import full_parameters
+
+            with full_parameters(frozen) as full:       # ZeRO-3 partitions weights as they load: gathered
+                self.before = {n: _fingerprint(v) for n, v in full.items()}
             self.groups: list[dict] = []
             self.result = "not run"
 
@@ -40,7 +47,8 @@ def freeze_check_class():
             if optimizer is None:
                 return
             ids = {id(p) for p in self.frozen.values()}
-            leaked = sum(id(p) in ids for g in optimizer.param_groups for p in g["params"])
+            # by identity, and by requires_grad for the new (sharded) tensors FSDP and ZeRO-3 hand the optimizer
+            leaked = sum(id(p) in ids or not p.requires_grad for g in optimizer.param_groups for p in g["params"])
             if leaked:
                 raise RuntimeError(f"{leaked} frozen parameters are in the optimizer")
             self.groups = [{"tensors": len(g["params"]), "params": sum(p.numel() for p in g["params"]),
@@ -55,21 +63,26 @@ def freeze_check_class():
                 held = {id(p) for p in optimizer.state}
                 if any(id(p) in held for p in self.frozen.values()):
                     raise RuntimeError("the optimizer holds state for frozen parameters")
-            if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
-                # both re-home parameters into flat shards; the original tensors no longer hold the values
-                self.result = "optimizer checked; values not checked under FSDP/DeepSpeed"
-                return
-            changed = []
-            for n, (total, sample) in self.before.items():
-                p = self.frozen[n]
-                if p.numel():
-                    now_total, now_sample = _fingerprint(p)
-                    if now_total != total or not torch.equal(now_sample, sample):
-                        changed.append(n)
+            changed = self.changed(kwargs.get("model"), sharded=bool(getattr(args, "fsdp", None)
+                                                                   or getattr(args, "deepspeed", None)))
             if changed:
                 raise RuntimeError(f"{len(changed)} frozen parameters changed during training, e.g. {changed[0]}")
-            skipped = len(self.frozen) - len(self.before) + sum(not self.frozen[n].numel() for n in self.before)
-            self.result = "passed" if not skipped else f"passed ({skipped} sharded tensors not checked)"
+            self.result = "passed"
+
+        def changed(self, model=None, sharded: bool = False) -> list[str]:
+            """Names of frozen parameters whose values moved; under FSDP or ZeRO-3 the full values
+            are gathered from the shards through the engine (every process must call this)."""
+            from ..engine.distributed import full_parameters, plain_name
+
+            if sharded and model is not None:
+                names = {plain_name(n): n for n in self.before}
+                with full_parameters(model, names) as full:
+                    missing = [n for n in names if n not in full]
+                    if missing:
+                        raise RuntimeError(f"{len(missing)} frozen parameters not found in the trained model, "
+                                           f"e.g. {missing[0]}")
+                    return [names[k] for k, v in full.items() if not _same(_fingerprint(v), self.before[names[k]])]
+            return [n for n, before in self.before.items() if not _same(_fingerprint(self.frozen[n]), before)]
 
     return FreezeCheckCallback
 

@@ -11,6 +11,7 @@ from typing import Literal
 
 from ..core.config import settle
 from ..core.errors import SafetyLayersError
+from ..core.placement import device_settings
 from ..core.registry import Registry
 
 #: The baselines that need more than freezing: name -> the module that sets up their training
@@ -33,6 +34,7 @@ DATALESS_METHODS = ("rdpo", "rdpo-sppft")
 
 
 @dataclass
+@device_settings
 class FinetuneConfig:
     """Settings of one fine-tuning run (``safety-layers finetune``); Trainer flags pass through separately."""
 
@@ -74,8 +76,8 @@ class FinetuneConfig:
         "help": "replace an existing final folder and delete earlier checkpoints in output_dir"})
     resume: bool = field(default=False, metadata={
         "help": "continue from the last checkpoint in output_dir (flag: --resume-from-checkpoint last)", "cli": False})
-    dtype: str = field(default="float32", metadata={
-        "help": "weights dtype: float32 (paper), bfloat16, float16", "cli": False})
+    check_memory: bool = field(default=True, metadata={
+        "help": "refuse to start when the memory plan (safety-layers plan) does not fit the device", "cli": False})
     check_disk: bool = field(default=True, metadata={
         "help": "refuse to start when the disk cannot hold a checkpoint and the final model", "cli": False})
     alignment_data: str | None = field(default=None, metadata={
@@ -119,6 +121,9 @@ class FinetuneConfig:
             raise SafetyLayersError(f"--max_length must be at least 8 tokens, got {self.max_length}")
         if self.limit is not None and self.limit < 1:
             raise SafetyLayersError(f"--limit must be at least 1, got {self.limit}")
+        if self.device_map:
+            raise SafetyLayersError("finetune spreads a model over GPUs with FSDP or DeepSpeed ZeRO-3 (accelerate launch "
+                                    "--config_file examples/accelerate-fsdp.yaml), not device_map")
         if self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             raise SafetyLayersError("LoRA needs lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1")
 

@@ -17,22 +17,22 @@ def lora_target_modules(blocks: Blocks, components=PAPER_COMPONENTS) -> list[str
     return sorted({path.rsplit(".", 1)[-1] for n, path in blocks.spec.components.items() if n in components})
 
 
-def skeleton(name: str) -> torch.nn.Module:
+def skeleton(name: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The model's structure without its weights (meta tensors), built from its config: exports
-    need parameter names and layer counts only, so an 8B model costs nothing to describe."""
+    and memory plans need parameter names and shapes only, so an 8B model costs nothing to describe."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..core.models import load_model, model_location
 
     kind, loc = model_location(name)
     if kind == "gguf":
-        return load_model(name).model
+        return load_model(name, device="cpu", dtype=dtype or "float32").model
     try:
         config = AutoConfig.from_pretrained(loc)
     except (OSError, ValueError) as e:
         raise SafetyLayersError(f"cannot read the config of {name!r}: {str(e).splitlines()[0][:200]}") from None
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
 
 
 def _blocks_of(model) -> tuple[torch.nn.Module, Blocks]:

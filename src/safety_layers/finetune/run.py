@@ -48,6 +48,7 @@ from .config import (BAND_METHODS, DATALESS_METHODS, LORA_METHODS, METHOD_MODULE
                      FinetuneConfig, default_training_args)
 from .data import PadCollator, TokenizedData, tokenize_rows
 from .methods import FreezePlan, MethodContext, MethodSetup, apply_method, resolve_band
+from .devices import check_device, check_memory, checkpointing, cpu_args, explain_oom
 from .trainer import check_disk, checkpoints, estimate_bytes, is_main, optimizer_state_bytes, resume_point
 
 
@@ -92,6 +93,7 @@ class Prepared:
     out: Path
     resume_from: str | None
     method_info: dict = field(default_factory=dict)
+    memory: object = None            # the MemoryPlan checked before loading (None: not checked)
 
 
 def _final_folder(cfg: FinetuneConfig, output_dir: Path) -> Path:
@@ -150,8 +152,8 @@ def _standard_setup(ctx: MethodContext) -> MethodSetup:
     from transformers import Trainer
 
     cfg, args, lm = ctx.cfg, ctx.args, ctx.lm
-    if cfg.method in LORA_METHODS and args.gradient_checkpointing:
-        lm.model.enable_input_require_grads()           # checkpointed LoRA needs grads flowing from the embeddings
+    if checkpointing(args):
+        lm.model.enable_input_require_grads()           # a frozen embedding or band must still pass gradients on
     train_model, plan, frozen = apply_method(lm, cfg, ctx.band, seed=args.seed)
     check = freeze_check_class()(frozen)
     trainer = Trainer(model=train_model, args=args, train_dataset=ctx.data.examples, data_collator=ctx.collator,
@@ -169,8 +171,10 @@ def prepare(cfg: FinetuneConfig, training_args=None, *, model=None, callbacks=No
     from ..core.models import load_model, load_or_use
     from ..core.runs import default_run_dir
 
+    place = cfg.placement()                              # a device or dtype this machine lacks: one line, now
     args = training_args if training_args is not None else default_training_args(
-        default_run_dir("finetune", cfg.model, cfg.method))
+        default_run_dir("finetune", cfg.model, cfg.method), **cpu_args(place))
+    check_device(place, args)
     own = METHOD_MODULES.get(cfg.method)() if cfg.method in METHOD_MODULES else None
     resolve_band(cfg)
     output_dir = Path(args.output_dir)
@@ -180,7 +184,10 @@ def prepare(cfg: FinetuneConfig, training_args=None, *, model=None, callbacks=No
     if own is not None:
         own.check_inputs(cfg, args)
 
-    lm = load_or_use(model) if model is not None else load_model(cfg.model, dtype=cfg.dtype)
+    # the plan knows the freezing of the standard methods; NFFT, Lisa and reverse DPO are not planned
+    memory = check_memory(cfg, args, place) if model is None and cfg.check_memory and own is None else None
+    # loaded on the CPU in the training dtype; the Trainer (or FSDP / DeepSpeed) places it
+    lm = load_or_use(model) if model is not None else load_model(cfg.model, device="cpu", dtype=place.dtype)
     band = resolve_band(cfg, lm.num_layers)
     if band is not None and cfg.method not in BAND_METHODS and is_main(args):
         print(f"note: method {cfg.method} trains every layer; the band {band} is recorded but not used")
@@ -204,7 +211,7 @@ def prepare(cfg: FinetuneConfig, training_args=None, *, model=None, callbacks=No
                          truncated=data.truncated, tokens=data.tokens, template=data.template,
                          train_on_inputs=cfg.train_on_inputs, max_length=cfg.max_length)
     return Prepared(cfg, args, lm, setup.model, band, setup.plan, data, data_info, setup.trainer, setup.check, out,
-                    resume_from, setup.info)
+                    resume_from, setup.info, memory)
 
 
 def _shared_path(trainer, path: Path | None) -> Path:
@@ -279,7 +286,8 @@ def train_and_save(prep: Prepared) -> FinetuneResult:
 
     t0 = time.time()
     fingerprint_before = prep.lm.fingerprint() if prep.cfg.method not in LORA_METHODS else None
-    out = prep.trainer.train(resume_from_checkpoint=prep.resume_from)
+    with explain_oom(prep):
+        out = prep.trainer.train(resume_from_checkpoint=prep.resume_from)
     plan = prep.plan
     result = FinetuneResult(
         method=prep.cfg.method, model=prep.lm.name, out=str(prep.out), output_dir=str(prep.args.output_dir),

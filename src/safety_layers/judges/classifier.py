@@ -10,6 +10,7 @@ import inspect
 from typing import Any, Literal
 
 from ..core.errors import SafetyLayersError
+from ..core.placement import resolve_placement
 from .base import Judge, Verdict, register_judge
 from .presets import ClassifierPreset, get_preset, parse_safe_unsafe
 
@@ -54,8 +55,8 @@ class ClassifierJudge(Judge):
         batch_size: int = 8,
         max_length: int | None = None,
         max_new_tokens: int | None = None,
-        device: str | None = None,
-        dtype: str = "float32",
+        device: str | None = "auto",
+        dtype: str = "auto",
         trust_remote_code: bool = False,
     ):
         self.preset: ClassifierPreset | None = get_preset(preset) if preset is not None else None
@@ -73,7 +74,6 @@ class ClassifierJudge(Judge):
             raise SafetyLayersError(f"classifier judge threshold must lie in (0, 1), got {threshold}")
         if batch_size < 1:
             raise SafetyLayersError(f"classifier judge batch_size must be >= 1, got {batch_size}")
-        import torch
         from transformers import AutoConfig, AutoTokenizer
 
         self.model_name = str(model)
@@ -83,7 +83,8 @@ class ClassifierJudge(Judge):
         self.batch_size = batch_size
         self.max_length = max_length or (self.preset.max_length if self.preset else 512)
         self.max_new_tokens = max_new_tokens or (self.preset.max_new_tokens if self.preset else 10)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        place = resolve_placement(device, dtype)   # the package's one device/dtype policy
+        self.device = place.device
         try:
             cfg = AutoConfig.from_pretrained(self.model_name, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
@@ -98,9 +99,7 @@ class ClassifierJudge(Judge):
             raise SafetyLayersError(
                 f"judge model '{self.model_name}' is a {archs[0]}, but kind='{kind}' expects a {want} model; use {other} or another model"
             )
-        torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-        if not isinstance(torch_dtype, torch.dtype):
-            raise SafetyLayersError(f"classifier judge dtype {dtype!r} is not a torch dtype; use 'float32', 'bfloat16' or 'float16'")
+        torch_dtype = place.dtype
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_name, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:

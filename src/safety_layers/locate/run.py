@@ -40,6 +40,7 @@ from typing import Any, Literal
 from ..core.config import from_mapping, settle
 from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
+from ..core.placement import device_settings
 from ..core.runs import read_json, write_json
 from ..core.scaling import resolve_components
 from ..engine.distributed import run_on_main, world
@@ -57,6 +58,7 @@ KNOB = {"cli": False}
 # --------------------------------------------------------------------------- configuration
 
 @dataclass
+@device_settings(map_flag=True)
 class LocateConfig:
     """Settings of one localization (``safety-layers locate``)."""
 
@@ -259,14 +261,14 @@ def _prepare(cfg: LocateConfig, model, run_dir) -> tuple[_Run, LayerRange | None
     mal = _prompt_set(cfg.malicious, cfg.limit, "malicious") if cfg.malicious else None
     judge = build_judge(cfg.judge)
     init = LayerRange.parse(cfg.init) if cfg.init else None
-    lm = load_or_use(model if model is not None else cfg.model)
+    lm = load_or_use(model if model is not None else cfg.model, cfg)
     if init is not None:
         init.check(lm.num_layers)
     run_dir = Path(run_dir) if run_dir is not None else None
     if run_dir is not None and w.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", cfg)
-        write_json(run_dir / "env.json", {**environment(), "model": lm.name, "model_fingerprint": lm.fingerprint(),
+        write_json(run_dir / "env.json", {**environment(lm), "model": lm.name, "model_fingerprint": lm.fingerprint(),
                                           "over_rejection_source": over.source,
                                           "malicious_source": mal.source if mal else None, "processes": w.size})
     journal = Journal(run_dir / "trials.jsonl" if run_dir is not None else None, w)

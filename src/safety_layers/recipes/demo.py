@@ -157,7 +157,7 @@ def experiment_config(cfg: DemoConfig, train: Path, quality: Path | None):
         analysis={"reference_model": cfg.reference, **cfg.analysis},
         data=str(train), n=n, scenarios=[cfg.scenario], methods=list(cfg.methods), lrs=[cfg.lr],
         seeds=[cfg.seed], epochs=cfg.epochs, batch_size=cfg.batch_size, evaluate=evaluate,
-        drift=DriftConfig(limit=cfg.drift_limit), keep_models=cfg.keep_models)
+        drift=DriftConfig(limit=cfg.drift_limit), keep_models=cfg.keep_models, dtype="float32")
 
 
 def run_demo(cfg: DemoConfig | None = None) -> Path:
