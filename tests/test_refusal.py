@@ -392,7 +392,7 @@ def test_wrong_kind_errors(models, tmp_path):
     (anon / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(SafetyLayersError, match="no trained classification head"):
         ClassifierJudge(str(anon), label=0, label_means="refusal")
-    with pytest.raises(SafetyLayersError, match="not a torch dtype"):
+    with pytest.raises(SafetyLayersError, match="unknown dtype .float33."):
         ClassifierJudge(str(models["bert"]), dtype="float33")
     with pytest.raises(SafetyLayersError, match="cannot load judge model config"):
         ClassifierJudge(str(tmp_path / "missing"))

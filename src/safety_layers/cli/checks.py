@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 
 
-
 def check_inputs(cfg, *, prompts=(), files=(), models=()) -> None:
     """Read the prompt sets and data files named by the fields ``prompts`` and ``files`` of
     ``cfg`` and locate its ``models``; each problem is one SafetyLayersError. Hugging Face

@@ -27,6 +27,7 @@ from typing import Literal
 
 import torch
 
+from ..core.config import settle
 from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
 from .config import BAND_METHODS, LORA_METHODS, METHODS
@@ -53,6 +54,7 @@ class PlanConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (lora, sppft-lora)", "cli": False})
 
     def __post_init__(self):
+        settle(self)                      # the fields' types, checked from their annotations
         if self.method not in METHODS:
             raise SafetyLayersError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
         if self.batch_size < 1 or self.max_length < 1:
