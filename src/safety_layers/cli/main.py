@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core.errors import SafetyLayersError
-from . import commands
+from . import attention, commands
 from .args import add_config_args, build_config
 
 
@@ -81,6 +81,13 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             commands.run_analyze, "safety_layers.analysis:AnalyzeConfig",
             epilog="examples:\n  safety-layers analyze\n"
                    "  safety-layers analyze --malicious advbench:harmful_behaviors.csv --limit 100 --paper\n"),
+    Command("attention", "attention maps of the last prompt token per layer, and content vs function word shares",
+            "For each layer, the last prompt token's attention to the question's tokens (mean over heads): a "
+            "heatmap per example pair (the paper's five built in) and, over the normal and malicious sets, the "
+            "share of it on content words rather than function words. Ranges are 0-based and inclusive.",
+            attention.run_attention, "safety_layers.analysis.attention:AttentionConfig",
+            epilog="examples:\n  safety-layers attention --band 10-14\n"
+                   "  safety-layers attention --model smollm2-135m-instruct --out runs/attention-bare\n"),
     Command("evaluate", "harmful rate, over-refusal, LLM harm score and task quality of one model",
             "Generate on the malicious and over-rejection sets, judge every reply, and report counts and "
             "rates with 95% Wilson intervals and the agreement between judges. Completions go to "
