@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core.errors import SafetyLayersError
-from . import attention, commands
+from . import attention, commands, transplant
 from .args import add_config_args, build_config
 
 
@@ -129,6 +129,14 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             commands.run_experiment, extra=commands.experiment_args,
             epilog="examples:\n  safety-layers experiment examples/experiment-demo.yaml --out runs/exp\n"
                    "  safety-layers experiment examples/experiment-paper.yaml --name llama-3-8b\n"),
+    Command("transplant", "copy a donor's layers into a base model of the same architecture, save and evaluate it",
+            "Copy the attention, MLP and/or norms of layers START-END (0-based, inclusive) from the donor into "
+            "the base, save the result (safetensors, with a manifest of what was copied) and evaluate it, the "
+            "base and the donor with the evaluate step (paper A.5.3, run in both directions as a causal test).",
+            transplant.run_transplant, "safety_layers.transplant:TransplantConfig",
+            epilog="examples:\n  safety-layers transplant --base smollm2-135m-instruct --donor demo --layers 10-14\n"
+                   "  safety-layers transplant --base demo --donor smollm2-135m-instruct --layers 15-29 "
+                   "--parts attn,mlp --out runs/tp\n"),
     Command("report", "one self-contained HTML page (and Markdown) from a run folder",
             "Plots embedded, no network needed to view it; counts and rates only, never completions.",
             commands.run_report, "safety_layers.report:ReportConfig", positional=("run",), yaml=False,
