@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -108,6 +110,11 @@ def test_run_folder_figures_band_and_reference(tmp_path):
     back = AttentionResult.from_json(tmp_path / "result.json")
     assert back.shares["normal"]["n"] == 4 and len(back.pairs[0]["malicious"]["weights"]) == 4
     assert attention_implementation(lm.model) != "eager"
+    from safety_layers.report import write_report
+
+    rep = write_report(tmp_path)
+    assert rep.kind == "attention" and rep.sections[:2] == ["summary", "shares"] and rep.images == 2
+    assert "Content words' share" in Path(rep.markdown).read_text()
     # a reference model gives its own numbers on the same prompts
     import safety_layers.core.models as models
 

@@ -97,6 +97,12 @@ def test_transplant_saves_a_loadable_model_with_manifest_and_evaluates_three_mod
     assert manifest["copied"]["tensors"] == 6 and len(manifest["copied"]["names"]) == 6
     assert manifest["base"]["name"] == "tiny-base" and manifest["donor"]["fingerprint"]
     assert TransplantResult.from_json(tmp_path / "result.json").copied_params == res.copied_params
+    from safety_layers.report import write_report
+
+    rep = write_report(tmp_path)
+    assert rep.kind == "transplant" and rep.sections == ["summary", "transplant"]
+    md = open(rep.markdown).read()
+    assert "layers 2-3 (mlp) of tiny-donor into tiny-base" in md and "transplant" in md
 
 
 def test_no_evaluation_when_switched_off(tmp_path):

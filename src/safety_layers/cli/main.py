@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core.errors import SafetyLayersError
-from . import attention, commands, transplant
+from . import attention, commands, scan, transplant
 from .args import add_config_args, build_config
 
 
@@ -129,6 +129,14 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             commands.run_experiment, extra=commands.experiment_args,
             epilog="examples:\n  safety-layers experiment examples/experiment-demo.yaml --out runs/exp\n"
                    "  safety-layers experiment examples/experiment-paper.yaml --name llama-3-8b\n"),
+    Command("scan", "band-protection scan: freeze each window of layers in turn under the same attack",
+            "Run the experiment config's attack once per window of --width layers (stride --stride), plus full "
+            "fine-tuning and --random seeded non-contiguous layer sets of the same size, and plot the harmful rate "
+            "after the attack against the window's position, the located band and the analyze range marked. One "
+            "cell per window; rerunning the same command resumes.",
+            scan.run_scan, extra=scan.scan_args,
+            epilog="examples:\n  safety-layers scan studies/band_scan.yaml --width 5 --out runs/scan\n"
+                   "  safety-layers scan studies/band_scan.yaml --name gentle --width 5 --stride 2 --random 0\n"),
     Command("transplant", "copy a donor's layers into a base model of the same architecture, save and evaluate it",
             "Copy the attention, MLP and/or norms of layers START-END (0-based, inclusive) from the donor into "
             "the base, save the result (safetensors, with a manifest of what was copied) and evaluate it, the "
