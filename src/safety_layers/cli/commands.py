@@ -262,11 +262,14 @@ def experiment_args(p: argparse.ArgumentParser) -> None:
                    help="write report.html and report.md into the run folder at the end")
 
 
-def run_experiment(args: argparse.Namespace) -> int:
+def run_experiment(args: argparse.Namespace, methods: list[str] | None = None) -> int:
+    """Run the YAML's experiment; ``methods`` replaces its methods (the scan command's)."""
     from ..experiment import ExperimentConfig, run_experiment as run
 
     library_bars(args.progress)
     cfg = ExperimentConfig.from_yaml(args.config, args.name)
+    if methods is not None:
+        cfg = dataclasses.replace(cfg, methods=methods)
     paper_note(cfg)
     result = run(cfg, args.out, progress=args.progress)
     folder = Path(result.run_dir)

@@ -9,7 +9,6 @@ and the evaluation; this command replaces its methods with full fine-tuning, eve
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 from ..core.errors import SafetyLayersError
@@ -37,18 +36,9 @@ def scan_methods(width: int, stride: int, random: int) -> list[str]:
 
 
 def run_scan(args: argparse.Namespace) -> int:
-    from ..experiment import ExperimentConfig, run_experiment
-    from .commands import library_bars, paper_note
+    from .commands import run_experiment
 
-    library_bars(args.progress)
-    methods = scan_methods(args.width, args.stride, args.random)
-    cfg = dataclasses.replace(ExperimentConfig.from_yaml(args.config, args.name), methods=methods)
-    paper_note(cfg)
-    result = run_experiment(cfg, args.out, progress=args.progress)
-    folder = Path(result.run_dir)
-    if args.report:
-        from ..report import write_report
-
-        print(f"report: {write_report(folder).html}")
-    print(f"scan: {folder / 'scan' / 'scan.md'}; results: {folder / 'results.md'}")
-    return 0
+    rc = run_experiment(args, methods=scan_methods(args.width, args.stride, args.random))
+    print(f"scan table and plots: {Path(args.out) / 'scan'}" if args.out else
+          "scan table and plots: scan/ in the run folder")
+    return rc
