@@ -174,3 +174,12 @@ def scan_methods_of(*a):
     from safety_layers.cli.scan import scan_methods
 
     return scan_methods(*a)
+
+
+def test_the_demo_study_is_thirty_cells_of_one_seed():
+    root = Path(__file__).resolve().parents[1]
+    for name in ("band-scan", "band-scan-gentle"):
+        cfg = ExperimentConfig.from_yaml(root / "studies" / "band_scan.yaml", name)
+        methods = [c.method for c in grid(cfg, 30)]
+        assert len(methods) == 30 and methods[0] == "full" and "freeze-10-14" in methods
+        assert sum(m.startswith("freeze-set-") for m in methods) == 3
