@@ -2,8 +2,8 @@
 
 Each row copies whole layers (attention, MLP, norms) between the aligned demo model and the bare
 SmolLM2-135M-Instruct it was aligned from, in both directions: the located band (10-14 on demo v6),
-a control band of the same width (5-9) and the layers after the band (15-29, the paper's 16-31
-experiment). Every row is its own run folder under OUT; a finished row is skipped, so the
+a control band of the same width (5-9), the layers after the band (15-29, the paper's 16-31
+experiment) and, aligned into bare, the width-5 bands inside 15-29 and 20-29. Every row is its own run folder under OUT; a finished row is skipped, so the
 script can be run one row at a time (each well under 8 minutes on 2 cores):
 
     SAFETY_LAYERS_CACHE=... python studies/transplant_table.py runs/transplant-table --only aligned-10-14-into-bare
@@ -28,6 +28,10 @@ ROWS = {   # name: (base, donor, layers)
     "aligned-10-14-into-bare": (BARE, ALIGNED, "10-14"),
     "aligned-5-9-into-bare": (BARE, ALIGNED, "5-9"),
     "aligned-15-29-into-bare": (BARE, ALIGNED, "15-29"),
+    "aligned-15-19-into-bare": (BARE, ALIGNED, "15-19"),       # which part of 15-29 carries refusal?
+    "aligned-20-24-into-bare": (BARE, ALIGNED, "20-24"),
+    "aligned-25-29-into-bare": (BARE, ALIGNED, "25-29"),
+    "aligned-20-29-into-bare": (BARE, ALIGNED, "20-29"),
     "bare-10-14-into-aligned": (ALIGNED, BARE, "10-14"),
     "bare-5-9-into-aligned": (ALIGNED, BARE, "5-9"),
     "bare-15-29-into-aligned": (ALIGNED, BARE, "15-29"),
