@@ -23,6 +23,7 @@ LAYERS = {
     "core": 0,
     "engine": 1,
     "judges": 2, "analysis": 2, "locate": 2, "finetune": 2, "evaluate": 2, "align": 2, "scenarios": 2,
+    "transplant": 2,
     "experiment": 3, "report": 3, "recipes": 3,
     "cli": 4,
 }

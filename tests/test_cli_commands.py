@@ -89,8 +89,9 @@ def test_help_of_every_command(capsys):
         assert main([name, "--help"]) == 0
         out = capsys.readouterr().out
         assert out.startswith(f"usage: safety-layers {name}")
-        # config-driven commands take --config; experiment and report take a positional file / folder
-        expected = "--config" if cmd.config and cmd.yaml else {"experiment": "config", "report": "run", "judge-check": "file"}[name]
+        # config-driven commands take --config; experiment, scan and report take a positional file / folder
+        positional = {"experiment": "config", "scan": "config", "report": "run", "judge-check": "file"}
+        expected = "--config" if cmd.config and cmd.yaml else positional[name]
         assert expected in out.split("\n\n")[0], (name, expected)
     assert main(["--help"]) == 0
     out = capsys.readouterr().out

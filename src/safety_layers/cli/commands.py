@@ -282,12 +282,15 @@ def experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="list every cell with its training rows and steps; run nothing")
 
 
-def run_experiment(args: argparse.Namespace) -> int:
+def run_experiment(args: argparse.Namespace, methods: list[str] | None = None) -> int:
+    """Run the YAML's experiment; ``methods`` replaces its methods (the scan command's)."""
     from ..core.runs import run_folder
     from ..experiment import ExperimentConfig, run_experiment as run
 
     library_bars(args.progress)
     cfg = ExperimentConfig.from_yaml(args.config, args.name, device=args.device, dtype=args.dtype)
+    if methods is not None:
+        cfg = dataclasses.replace(cfg, methods=methods)
     paper_note(cfg)
     if args.dry_run:
         from ..experiment.plan import plan_text

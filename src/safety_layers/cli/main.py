@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core.errors import SafetyLayersError
-from . import commands, judge_check, plan
+from . import attention, commands, judge_check, plan, scan, transplant
 from .args import add_config_args, build_config
 from .checks import os_error_line
 
@@ -87,6 +87,13 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             interrupted="nothing was written (the analysis writes its folder when it ends); rerun to start again",
             epilog="examples:\n  safety-layers analyze\n"
                    "  safety-layers analyze --malicious advbench:harmful_behaviors.csv --limit 100 --paper\n"),
+    Command("attention", "attention maps of the last prompt token per layer, and content vs function word shares",
+            "For each layer, the last prompt token's attention to the question's tokens (mean over heads): a "
+            "heatmap per example pair (the paper's five built in) and, over the normal and malicious sets, the "
+            "share of it on content words rather than function words. Ranges are 0-based and inclusive.",
+            attention.run_attention, "safety_layers.analysis.attention:AttentionConfig",
+            epilog="examples:\n  safety-layers attention --band 10-14\n"
+                   "  safety-layers attention --model smollm2-135m-instruct --out runs/attention-bare\n"),
     Command("evaluate", "harmful rate, over-refusal, LLM harm score and task quality of one model",
             "Generate on the malicious and over-rejection sets, judge every reply, and report counts and "
             "rates with 95% Wilson intervals and the agreement between judges. Completions go to "
@@ -135,6 +142,22 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             interrupted="finished cells are kept in the run folder; rerun with the same --out to continue",
             epilog="examples:\n  safety-layers experiment examples/experiment-demo.yaml --out runs/exp\n"
                    "  safety-layers experiment examples/experiment-paper.yaml --name llama-3-8b\n"),
+    Command("scan", "band-protection scan: freeze each window of layers in turn under the same attack",
+            "Run the experiment config's attack once per window of --width layers (stride --stride), plus full "
+            "fine-tuning and --random seeded non-contiguous layer sets of the same size, and plot the harmful rate "
+            "after the attack against the window's position, the located band and the analyze range marked. One "
+            "cell per window; rerunning the same command resumes.",
+            scan.run_scan, extra=scan.scan_args,
+            epilog="examples:\n  safety-layers scan studies/band_scan.yaml --width 5 --out runs/scan\n"
+                   "  safety-layers scan studies/band_scan.yaml --name gentle --width 5 --stride 2 --random 0\n"),
+    Command("transplant", "copy a donor's layers into a base model of the same architecture, save and evaluate it",
+            "Copy the attention, MLP and/or norms of layers START-END (0-based, inclusive) from the donor into "
+            "the base, save the result (safetensors, with a manifest of what was copied) and evaluate it, the "
+            "base and the donor with the evaluate step (paper A.5.3, run in both directions as a causal test).",
+            transplant.run_transplant, "safety_layers.transplant:TransplantConfig",
+            epilog="examples:\n  safety-layers transplant --base smollm2-135m-instruct --donor demo --layers 10-14\n"
+                   "  safety-layers transplant --base demo --donor smollm2-135m-instruct --layers 15-29 "
+                   "--parts attn,mlp --out runs/tp\n"),
     Command("report", "one self-contained HTML page (and Markdown) from a run folder",
             "Plots embedded, no network needed to view it; counts and rates only, never completions.",
             commands.run_report, "safety_layers.report:ReportConfig", positional=("run",), yaml=False,

@@ -5,7 +5,9 @@ Cell ids are ``<scenario>__<method>__lr<lr:g>__seed<seed>``, e.g.
 ``freeze-before`` / ``freeze-after`` (the ablation of the paper's Table 8 with a band of the
 same size right before / after the located one, clipped at the model's edge) and
 ``freeze:A-B`` (any band, id ``freeze-A-B``; Table 8 freezes e.g. ``freeze:0-5`` and
-``freeze:13-31``). Scenarios: ``normal``, ``implicit``, ``backdoor``, ``harmful-p<p>``
+``freeze:13-31``); the scan's families ``scan:W[/S]`` and ``random:W[xK][@SEED]`` expand into
+``freeze-A-B`` windows and ``freeze-set-a.b.c`` layer sets (:mod:`.scan`). Scenarios:
+``normal``, ``implicit``, ``backdoor``, ``harmful-p<p>``
 (``harmful`` is p=0.1).
 """
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
+from . import scan
 
 BASE_METHODS = ("full", "sppft", "freeze-before", "freeze-after", "lora", "sppft-lora", "nfft", "lisa", "rdpo",
                 "rdpo-sppft")
@@ -48,13 +51,17 @@ def method_label(spec) -> str:
         return f"freeze-{band.start}-{band.end}"
     if s in BASE_METHODS:
         return s
+    if (family := scan.family_label(s)) is not None:
+        return family
     close = difflib.get_close_matches(s, BASE_METHODS, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise SafetyLayersError(f"unknown method {s!r}{hint}: use {', '.join(BASE_METHODS)} or freeze:A-B")
+    raise SafetyLayersError(f"unknown method {s!r}{hint}: use {', '.join(BASE_METHODS)}, freeze:A-B, scan:W[/S] "
+                            "or random:W[xK][@SEED]")
 
 
-def method_band(method: str, band: LayerRange, num_layers: int) -> tuple[str, LayerRange | None, str | None]:
-    """(finetune method, band it freezes or skips, note) for an experiment method."""
+def method_band(method: str, band: LayerRange, num_layers: int) -> tuple[str, LayerRange | list[int] | None, str | None]:
+    """(finetune method, band it freezes or skips, note) for an experiment method; a scan's random
+    set gives ``("freeze-set", [layers], None)``."""
     k = len(band)
     if method in ("full", "lora", "lisa", "rdpo"):
         return method, None, None
@@ -62,6 +69,8 @@ def method_band(method: str, band: LayerRange, num_layers: int) -> tuple[str, La
         return method, band, None
     if method == "nfft":
         return method, band, "the band sets how many weights NFFT freezes; they lie across every layer"
+    if (layers := scan.set_layers(method)) is not None:
+        return "freeze-set", layers, None
     if method == "freeze-before":
         if band.start == 0:
             raise SafetyLayersError(f"freeze-before: the band {band} starts at layer 0, no layer lies before it")
@@ -95,8 +104,14 @@ class Cell:
         return cell_id(self.scenario, self.method, self.lr, self.seed)
 
 
-def grid(cfg) -> list[Cell]:
+def grid(cfg, num_layers: int | None = None) -> list[Cell]:
     """Every cell of an ExperimentConfig, scenario-major, then learning rate, seed and method
-    (comparable cells adjacent)."""
+    (comparable cells adjacent). The scan's method families (:mod:`.scan`) expand into one method
+    per window or random set; that needs the model's ``num_layers``."""
+    methods = cfg.methods
+    if num_layers is not None:
+        methods = scan.expand(methods, num_layers)
+    elif any(scan.is_family(m) for m in methods):
+        raise SafetyLayersError("a scan's cells depend on the model's layer count: call grid(cfg, num_layers)")
     return [Cell(s, m, lr, seed) for s in cfg.scenarios for lr in cfg.lrs_for(s) for seed in cfg.seeds
-            for m in cfg.methods]
+            for m in methods]

@@ -54,6 +54,7 @@ from .config import GRID_FIELDS, ExperimentConfig, check_section_keys
 from .drift import DEFAULT_ALPHA, DriftRunner, describe_drift, drift_summary, gap_from_analysis, write_drift
 from .grid import Cell, grid, method_band, parse_scenario
 from .results import aggregate, counts_of, describe_metrics, metrics_of, results_markdown
+from .scan import freeze_set, write_scan
 
 EXPERIMENT_VERSION = 1
 #: A new run folder may already hold this folder: files the config points to (the demo's data).
@@ -348,12 +349,17 @@ class _Experiment:
     def _train(self, cell: Cell, data: Path, cdir: Path, record: dict, seconds: dict):
         """Fine-tune a fresh copy of the model for ``cell``; the tuned model, ready to evaluate."""
         method, frozen, note = method_band(cell.method, self.band, self.base.num_layers)
-        record.update(frozen_band=[frozen.start, frozen.end] if frozen else None, note=note)
+        layer_set = None
+        if method == "freeze-set":                      # a scan's random set: full fine-tuning less the set
+            method, layer_set, frozen = "full", frozen, None
+        record.update(frozen_band=[frozen.start, frozen.end] if frozen else None, frozen_layers=layer_set, note=note)
         t = time.perf_counter()
         fcfg = from_mapping(FinetuneConfig, self.cfg.finetune_settings(self.run / "shared"), "finetune", model=self.cfg.model,
                             data=str(data), method=method, layers=str(frozen) if frozen else None,
                             out=str(cdir / "train" / "model"), overwrite=True)
         prep = ft.prepare(fcfg, self.training_args(cell, cdir / "train"), model=self.fresh_copy())
+        if layer_set:
+            freeze_set(prep, layer_set)
         fres = ft.train_and_save(prep)
         record["finetune"] = to_jsonable(fres)
         seconds["train"] = round(time.perf_counter() - t, 3)
@@ -543,6 +549,8 @@ def _finish(ex: _Experiment, exp: dict, cells: list[Cell], tally: dict) -> dict:
     results = write_results(ex.run, cells)
     if tally["ran"] or not any((ex.run / "drift").glob("*.png")):
         write_drift(ex.run)
+    if write_scan(ex.run) is not None:
+        ex.log(f"[bold]scan[/bold] table and plots in {ex.run / 'scan'}")
     exp["finished"] = _now()
     exp["cells"] = {"total": len(cells), **tally}
     write_json(ex.run / "experiment.json", exp)
@@ -568,8 +576,8 @@ def run_experiment(cfg: ExperimentConfig | dict, run_dir: str | Path | None = No
         check_grid_memory(cfg)        # a grid that cannot train here stops before the model loads
     ex = _Experiment(cfg, run, progress, model)
     ex.log(f"[bold]experiment[/bold] {run}")
-    cells = grid(cfg)
     data = {s: ex.scenario_data(s) for s in cfg.scenarios}
+    cells = grid(cfg, ex.load_base().num_layers)
     band = _band_and_baseline(ex, exp)
     records, tally = ex.run_cells(cells, data)
     results = _finish(ex, exp, cells, tally)

@@ -8,7 +8,9 @@ settings only (:mod:`.sections`), and all text from the run is escaped (:mod:`.r
 Inputs (detected from the files present):
 ``experiment``: a folder with ``experiment.json`` (layout in :mod:`safety_layers.experiment`);
 ``analyze``: an analyze run folder (``result.json`` with raw/centred curves);
-``locate``: a locate run folder (``result.json`` with ``safety_layers`` and ``sweeps``).
+``locate``: a locate run folder (``result.json`` with ``safety_layers`` and ``sweeps``);
+``attention`` and ``transplant``: the run folders of those commands (:mod:`.mechanism`).
+An experiment whose methods hold a band-protection scan gets the scan's section too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..core.errors import SafetyLayersError
 from ..core.runs import atomic_write, read_json
 from ..experiment import EXPERIMENT_VERSION
 from .figures import Figures
+from .mechanism import attention_sections, scan_section, transplant_sections
 from .render import Bullets, Section, render_html, render_markdown
 from .sections import (analysis_section, analyze_summary, drift_section, experiment_summary, locate_section,
                        locate_summary, results_section, settings_section)
@@ -42,7 +45,7 @@ class ReportConfig:
 
 @dataclass
 class ReportResult:
-    kind: str                          # experiment | analyze | locate
+    kind: str                          # experiment | analyze | locate | attention | transplant
     run: str
     html: str
     markdown: str
@@ -67,6 +70,12 @@ def _is_locate(d: dict) -> bool:
     return {"safety_layers", "sweeps"} <= d.keys()
 
 
+#: Run kinds told apart by the keys of their result.json.
+_RESULT_KINDS = {"analyze": _is_analyze, "locate": _is_locate,
+                 "attention": lambda d: {"shares", "pairs", "num_layers"} <= d.keys(),
+                 "transplant": lambda d: {"copied_tensors", "evaluation", "layers"} <= d.keys()}
+
+
 def _check_version(run: Path, exp: dict) -> None:
     version = exp.get("version")
     if not isinstance(version, int) or isinstance(version, bool):
@@ -81,7 +90,7 @@ def _check_version(run: Path, exp: dict) -> None:
 
 
 def detect(run_dir: str | Path) -> str:
-    """``experiment``, ``analyze`` or ``locate``; a SafetyLayersError for anything else."""
+    """``experiment``, ``analyze``, ``locate``, ``attention`` or ``transplant``; a SafetyLayersError otherwise."""
     run = Path(run_dir)
     expected = ("expected an experiment run folder (experiment.json) or an analyze/locate run folder "
                 "(result.json)")
@@ -93,12 +102,11 @@ def detect(run_dir: str | Path) -> str:
         return "experiment"
     res = _read(run / "result.json", "analyze or locate result")
     if res is not None:
-        if _is_analyze(res):
-            return "analyze"
-        if _is_locate(res):
-            return "locate"
+        kind = next((k for k, test in _RESULT_KINDS.items() if test(res)), None)
+        if kind:
+            return kind
         raise SafetyLayersError(f"{run / 'result.json'} is neither an analyze result (raw/centred curves) nor a "
-                                f"locate result (safety_layers/sweeps): {expected}")
+                                f"locate result (safety_layers/sweeps) nor an attention or transplant result: {expected}")
     raise SafetyLayersError(f"{run} holds neither experiment.json nor result.json: {expected}")
 
 
@@ -123,6 +131,9 @@ def _build_experiment(run: Path, figs: Figures) -> tuple[str, list[Section]]:
         sections.append(results_section(res or {}, cells, figs))
     if drift is not None:
         sections.append(drift_section(drift, run / "drift", exp.get("band"), figs))
+    scan = _read(run / "scan" / "scan.json", "scan record")
+    if scan is not None:
+        sections.append(scan_section(scan, run / "scan", figs))
     settings = settings_section([
         ("experiment config (experiment.json)", cfg), ("environment (experiment.json)", env),
         ("analyze config", _read(run / "analysis" / "config.json", "analyze config")),
@@ -148,6 +159,17 @@ def _build_locate(run: Path, figs: Figures) -> tuple[str, list[Section]]:
     return d.get("model") or "model", sections + ([settings] if settings else [])
 
 
+def _build_attention(run: Path, figs: Figures) -> tuple[str, list[Section]]:
+    d = _read(run / "result.json", "attention result")
+    settings = settings_section([("config", _read(run / "config.json", "attention config"))])
+    return d.get("model") or "model", attention_sections(d, run, figs) + ([settings] if settings else [])
+
+
+def _build_transplant(run: Path, figs: Figures) -> tuple[str, list[Section]]:
+    d = _read(run / "result.json", "transplant result")
+    return f"transplant into {d.get('base')}", transplant_sections(d)
+
+
 def _targets(run: Path, out) -> tuple[Path, Path]:
     if out is None:
         return run / "report.html", run / "report.md"
@@ -171,7 +193,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None,
     kind = detect(run)
     html_path, md_path = _targets(run, out)
     figs = Figures(html_path.parent)
-    build = {"experiment": _build_experiment, "analyze": _build_analyze, "locate": _build_locate}[kind]
+    build = {"experiment": _build_experiment, "analyze": _build_analyze, "locate": _build_locate,
+             "attention": _build_attention, "transplant": _build_transplant}[kind]
     try:
         model, sections = build(run, figs)
     except (KeyError, TypeError, IndexError, AttributeError) as err:
