@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import tiny_model
 from helpers_finetune import benign_rows, one_thread, write_jsonl
 

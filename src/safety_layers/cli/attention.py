@@ -29,11 +29,11 @@ def _print(result, run_dir) -> None:
 
 def run_attention(cfg) -> int:
     from ..analysis.attention import attention
-    from ..core.runs import new_run_dir
+    from ..core.runs import run_folder
     from .commands import library_bars
 
     library_bars(cfg.progress)
-    run_dir = new_run_dir("attention", cfg.model, cfg.out, cfg.overwrite)
-    result = attention(cfg, run_dir=run_dir)
+    with run_folder("attention", cfg.model, cfg.out, overwrite=cfg.overwrite) as run_dir:
+        result = attention(cfg, run_dir=run_dir)
     _print(result, run_dir)
     return 0

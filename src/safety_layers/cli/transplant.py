@@ -39,12 +39,12 @@ def _print(result, run_dir) -> None:
 
 
 def run_transplant(cfg) -> int:
-    from ..core.runs import new_run_dir
+    from ..core.runs import run_folder
     from ..transplant import transplant
     from .commands import library_bars
 
     library_bars(cfg.progress)
-    run_dir = new_run_dir("transplant", cfg.base, cfg.out, cfg.overwrite)
-    result = transplant(cfg, run_dir=run_dir)
+    with run_folder("transplant", cfg.base, cfg.out, overwrite=cfg.overwrite) as run_dir:
+        result = transplant(cfg, run_dir=run_dir)
     _print(result, run_dir)
     return 0

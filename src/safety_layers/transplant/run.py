@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..core.config import from_mapping
+from ..core.config import settle
 from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
 from ..core.models import Blocks, LoadedModel
@@ -53,6 +54,7 @@ class TransplantConfig:
     progress: bool = field(default=True, metadata={"help": "show progress bars", **KNOB})
 
     def __post_init__(self):
+        settle(self)                      # the fields' types, checked from their annotations
         if not self.layers:
             raise SafetyLayersError("no layers given: pass --layers START-END (0-based, inclusive), e.g. 10-14")
         self.layers = str(LayerRange.parse(self.layers))
