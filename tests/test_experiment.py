@@ -141,6 +141,26 @@ def test_example_configs_load():
                      "google/gemma-2b-it": "6-11", "microsoft/Phi-3-mini-4k-instruct": "11-15"}
 
 
+def test_every_stage_shares_the_experiment_template_and_paper_flag():
+    """locate: {} in a paper-mode experiment localizes with Alpaca like training and evaluation; a section
+    may override explicitly, and the run records each stage's template in experiment.json and results.json."""
+    cfg = ExperimentConfig(model="tiny", paper=True, locate={}, scenarios=["normal"])
+    stages = cfg.stage_settings()
+    assert set(stages) == {"analysis", "locate", "training", "evaluation", "drift"}
+    assert all(s == {"template": "alpaca", "paper": True} for s in stages.values())
+    mixed = ExperimentConfig(model="tiny", template="plain", locate={"template": "chat"}, scenarios=["normal"])
+    assert mixed.stage_settings()["locate"]["template"] == "chat"
+    assert {k: v["template"] for k, v in mixed.stage_settings().items() if k != "locate"} == dict.fromkeys(
+        ("analysis", "training", "evaluation", "drift"), "plain")
+
+
+def test_run_records_every_stage_template(tiny_run):
+    run = tiny_run["run"]
+    want = tiny_run["cfg"].stage_settings()
+    assert read_experiment(run)["stages"] == want
+    assert json.loads((run / "results.json").read_text())["stages"] == want
+
+
 # --------------------------------------------------------------------------- aggregation
 
 def test_results_table_from_hand_made_cells():

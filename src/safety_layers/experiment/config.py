@@ -232,6 +232,24 @@ class ExperimentConfig:
         """The analysis section, or the defaults (the drift gap curves need one even without it)."""
         return self.analysis if self.analysis is not None else self._section("analysis", {})
 
+    def stage_settings(self) -> dict[str, dict]:
+        """The template and paper flag of every stage (analysis, locate, training, evaluation, drift).
+
+        Every section inherits the experiment's ``template`` and ``paper`` unless it sets its
+        own (an explicit override); the run records this in experiment.json and results.json
+        so a reader sees that every stage rendered its prompts alike, or which did not.
+        """
+        def of(c) -> dict:
+            return {"template": c.template, "paper": c.paper}
+
+        out = {"analysis": of(self.analysis_config())}
+        if self.locate is not None:
+            out["locate"] = of(self.locate)
+        out["training"] = of(self)
+        out["evaluation"] = of(self.evaluate)
+        out["drift"] = of(self.evaluate)   # drift's refusal counts render with the evaluation's template
+        return out
+
     def finetune_settings(self) -> dict:
         """The FinetuneConfig fields every cell shares (the cell adds data, method, band and folder)."""
         return {k: getattr(self, k) for k in FINETUNE_KEYS}
