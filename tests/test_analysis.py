@@ -145,3 +145,12 @@ def test_reference_model_is_rendered_in_the_aligned_models_format(monkeypatch, t
     texts = {is_ref: {t for r, t in seen if r == is_ref} for is_ref in (True, False)}
     assert texts[True] and texts[True] == texts[False]
     assert not any(t.startswith("User:") for t in texts[True])
+
+
+def test_bootstrap_layer_interval_is_not_truncated():
+    """3 of 100 resamples end at layer 4: 3 % lie above 3, so the 95 % interval must reach 4 (int() gave 3)."""
+    from safety_layers.analysis.curves import layer_interval
+
+    assert layer_interval([3] * 97 + [4] * 3) == [3, 4]
+    assert layer_interval([2] * 3 + [3] * 97) == [2, 3]
+    assert layer_interval([5] * 10) == [5, 5]
