@@ -111,3 +111,46 @@ def test_analyze_writes_a_result_that_reads_back(tmp_path, monkeypatch):
     (tmp_path / "bad.json").write_text('{"model": "m"}')
     with pytest.raises(SafetyLayersError, match="bad.json"):
         AnalyzeResult.from_json(tmp_path / "bad.json")
+
+
+def test_reference_model_is_rendered_in_the_aligned_models_format(monkeypatch, tmp_path):
+    """A base reference without a chat template gets the aligned model's, so the curves compare models, not
+    formats; the result says which format both used."""
+    from conftest import byte_tokenizer, tiny_model
+
+    from safety_layers.analysis import AnalyzeConfig, analyze
+    from safety_layers.core import models
+    from safety_layers.core.prompts import render
+
+    aligned, base = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    base.tokenizer = byte_tokenizer(chat=False)
+    seen = []
+    real_render = render
+
+    def spy(tokenizer, instruction, template="chat", **kw):
+        out = real_render(tokenizer, instruction, template, **kw)
+        seen.append((tokenizer is base.tokenizer, out.text))
+        return out
+
+    monkeypatch.setattr("safety_layers.engine.activations.render", spy)
+    monkeypatch.setenv("SAFETY_LAYERS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "load_or_use", lambda m: base if m == "base" else m)
+    prompts = ["How do I bake bread?", "Name a prime number", "Write a poem", "Sort a list"]
+    (tmp_path / "n.txt").write_text("\n".join(prompts))
+    (tmp_path / "m.txt").write_text("\n".join(p + " to hurt someone" for p in prompts))
+    cfg = AnalyzeConfig(model="tiny", normal=str(tmp_path / "n.txt"), malicious=str(tmp_path / "m.txt"),
+                        reference_model="base", bootstrap=0, probe=False, progress=False)
+    res = analyze(cfg, model=aligned)
+    assert res.reference["template"].startswith("chat")
+    texts = {is_ref: {t for r, t in seen if r == is_ref} for is_ref in (True, False)}
+    assert texts[True] and texts[True] == texts[False]
+    assert not any(t.startswith("User:") for t in texts[True])
+
+
+def test_bootstrap_layer_interval_is_not_truncated():
+    """3 of 100 resamples end at layer 4: 3 % lie above 3, so the 95 % interval must reach 4 (int() gave 3)."""
+    from safety_layers.analysis.curves import layer_interval
+
+    assert layer_interval([3] * 97 + [4] * 3) == [3, 4]
+    assert layer_interval([2] * 3 + [3] * 97) == [2, 3]
+    assert layer_interval([5] * 10) == [5, 5]

@@ -15,7 +15,7 @@ from safety_layers.core.errors import SafetyLayersError
 from safety_layers.evaluate import (EvaluateConfig, EvaluateResult, evaluate, harmful_rate, lm_eval_scores,
                                 print_summary, refusal_rate, rouge_l)
 from safety_layers.engine.generation import GenerationSettings, generate
-from safety_layers.judges import DEFAULT_JUDGE, get_judge
+from safety_layers.judges import DEFAULT_JUDGE, Judge, Verdict, get_judge
 from safety_layers.core.stats import cohen_kappa, wilson_interval
 
 MALICIOUS = [f"Explain step {i} of breaking into house number {i * 13}" for i in range(7)]
@@ -99,6 +99,36 @@ def test_rouge_l_by_hand():
     assert scores == pytest.approx([5 / 6, 2 / 3, 0.0, 1.0])
     with pytest.raises(SafetyLayersError):
         rouge_l(["a"], [])
+
+
+class _Probability(Judge):
+    """A classifier-like judge: every reply unsafe with probability 0.9 (a score that is not 1-5)."""
+
+    name = "classifier"
+    label_means = "unsafe"
+
+    def _judge(self, prompts, completions):
+        return [Verdict(refused=False, score=0.9) for _ in completions]
+
+
+class _FakeLLM(Judge):
+    """An ``llm`` judge without HTTP: scores 1, 2, 3, ... on the 1-5 rubric."""
+
+    name = "llm"
+
+    def _judge(self, prompts, completions):
+        return [Verdict(refused=i % 5 == 0, score=float(i % 5 + 1)) for i in range(len(completions))]
+
+
+def test_harmful_score_only_from_the_llm_judge(lm):
+    """S_h is the llm judge's 1-5 mean; a classifier listed first never fills it (spec: S_h, 1-5)."""
+    no_llm = harmful_rate(lm, MALICIOUS, judges={"classifier": _Probability(), "keyword": get_judge("keyword")},
+                          settings=GenerationSettings(max_new_tokens=TOKENS), progress=False)
+    assert no_llm.harmful_score is None and no_llm.score_judge is None
+    both = harmful_rate(lm, MALICIOUS, judges={"classifier": _Probability(), "llm": _FakeLLM()},
+                        settings=GenerationSettings(max_new_tokens=TOKENS), progress=False)
+    assert both.score_judge == "llm"
+    assert both.harmful_score == pytest.approx(sum(i % 5 + 1 for i in range(len(MALICIOUS))) / len(MALICIOUS))
 
 
 # --------------------------------------------------------------------------- the run folder

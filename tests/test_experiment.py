@@ -141,6 +141,41 @@ def test_example_configs_load():
                      "google/gemma-2b-it": "6-11", "microsoft/Phi-3-mini-4k-instruct": "11-15"}
 
 
+def test_every_stage_shares_the_experiment_template_and_paper_flag():
+    """locate: {} in a paper-mode experiment localizes with Alpaca like training and evaluation; a section
+    may override explicitly, and the run records each stage's template in experiment.json and results.json."""
+    cfg = ExperimentConfig(model="tiny", paper=True, locate={}, scenarios=["normal"])
+    stages = cfg.stage_settings()
+    assert set(stages) == {"analysis", "locate", "training", "evaluation", "drift"}
+    assert all(s == {"template": "alpaca", "paper": True} for s in stages.values())
+    mixed = ExperimentConfig(model="tiny", template="plain", locate={"template": "chat"}, scenarios=["normal"])
+    assert mixed.stage_settings()["locate"]["template"] == "chat"
+    assert {k: v["template"] for k, v in mixed.stage_settings().items() if k != "locate"} == dict.fromkeys(
+        ("analysis", "training", "evaluation", "drift"), "plain")
+
+
+def test_paper_mode_sets_warmup_and_the_table_6_learning_rates():
+    """--paper sets warmup 100 and the model's Table 6 rate (1e-5 for harmful data), only where unset,
+    and records what it set; a model outside Table 6 keeps the default rate with a note."""
+    llama2 = ExperimentConfig(model="meta-llama/Llama-2-7b-chat-hf", paper=True, scenarios=["normal"])
+    assert (llama2.warmup_steps, llama2.lrs, llama2.lr_overrides) == (100, [3e-4], {"harmful": [1e-5]})
+    assert {"warmup_steps=100", "lrs=[0.0003]"} <= set(llama2.paper_set)
+    phi = ExperimentConfig(model="microsoft/Phi-3-mini-4k-instruct", paper=True, warmup_steps=5, lrs=[2e-5],
+                           scenarios=["normal"])
+    assert (phi.warmup_steps, phi.lrs) == (5, [2e-5]) and not any(x.startswith(("lrs", "warmup")) for x in phi.paper_set)
+    other = ExperimentConfig(model="tiny", paper=True, scenarios=["normal"])
+    assert other.lrs == [1e-4] and any("no Table 6 rate for tiny" in x for x in other.paper_set)
+    ours = ExperimentConfig(model="meta-llama/Llama-2-7b-chat-hf", scenarios=["normal"])
+    assert (ours.warmup_steps, ours.lrs, ours.paper_set) == (0, [1e-4], [])
+
+
+def test_run_records_every_stage_template(tiny_run):
+    run = tiny_run["run"]
+    want = tiny_run["cfg"].stage_settings()
+    assert read_experiment(run)["stages"] == want
+    assert json.loads((run / "results.json").read_text())["stages"] == want
+
+
 # --------------------------------------------------------------------------- aggregation
 
 def test_results_table_from_hand_made_cells():

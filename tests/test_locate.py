@@ -157,6 +157,21 @@ def test_screened_shortlist_is_confirmed_and_the_confirmation_decides():
     assert rows[(2, 4)]["count"] == 6 and rows[(2, 4)]["proxy_count"] == 8
 
 
+
+def test_every_candidate_within_the_proxy_error_is_confirmed_and_disagreement_is_reported():
+    """The proxy's top two ([2,6], [2,7]) miss by up to 4, so [2,8] (proxy 17, within 4 of 20) is recounted,
+    its miss of 8 then pulls in [2,5]; generation's winner [2,8] is chosen and the disagreement reported."""
+    proxy = Table({(2, 4): 10, (2, 5): 12, (2, 6): 20, (2, 7): 19, (2, 8): 17, (2, 9): 5})
+    gen = Table({(2, 4): 10, (2, 5): 12, (2, 6): 18, (2, 7): 15, (2, 8): 25, (2, 9): 5})
+    chosen, stages = sweep_bound("upper", 2, 6, 10, direction="up", window=2, screen=proxy, confirm=gen,
+                                 confirm_top=2)
+    assert chosen == LayerRange(2, 8)
+    assert sorted(gen.calls) == [(2, 5), (2, 6), (2, 7), (2, 8)]    # [2,4] and [2,9] lie beyond the error
+    last = stages[-1]
+    assert last["proxy_error"] == 8 and last["proxy_winner"] == [2, 6] and last["disagree"] is True
+    assert "measured error" in last["rule"]
+
+
 # --------------------------------------------------------------------------- alpha rule
 
 def test_alpha_search_stops_at_the_first_alpha_reaching_the_threshold():
@@ -200,9 +215,14 @@ def test_locate_tiny_model_writes_the_evidence(clean):
     for s in sweeps:  # every row is screened by the proxy; confirmed rows also carry the generation count
         assert all(r["proxy_count"] is not None for r in s["rows"])
         assert all((r["count"] is not None) == r["confirmed"] for r in s["rows"])
-    for bound in ("upper", "lower"):  # confirm_top = 2 per sweep, more only after a widening
+    for bound in ("upper", "lower"):  # confirm_top, then every row within the proxy's measured error of the best
         stages = [s for s in sweeps if s["bound"] == bound]
-        assert 1 <= sum(r["confirmed"] for s in stages for r in s["rows"]) <= 2 * len(stages)
+        rows = [r for s in stages for r in s["rows"]]
+        err, winner = stages[-1]["proxy_error"], stages[-1]["proxy_winner"]
+        best = next(r["proxy_count"] for r in rows if r["range"] == winner)
+        assert sum(r["confirmed"] for r in rows) >= 1
+        assert all(abs(r["proxy_count"] - best) > err for r in rows if not r["confirmed"])
+        assert err == max(abs(r["proxy_count"] - r["count"]) for r in rows if r["confirmed"])
     assert data["count"] == next(r["count"] for s in lower for r in s["rows"] if r["range"] == data["safety_layers"])
     assert data["proxy_generation_spearman"]["n"] >= 3
     assert len(data["table"].splitlines()) == len(sweeps)

@@ -205,6 +205,14 @@ def _gram_gap(G: torch.Tensor, n: int, w: torch.Tensor, centre: bool) -> np.ndar
     return _deg(nm.numpy()) - _deg(nn.numpy())
 
 
+def layer_interval(values, level: float = 0.95) -> list[int]:
+    """The central ``level`` interval of integer layer indices, widened to observed layers: the lower
+    end is the percentile rounded down to a sample (``method="lower"``), the upper end rounded up
+    (``"higher"``), so at most (1 - level) / 2 of the samples lie beyond either end."""
+    tail = (1 - level) / 2 * 100
+    return [int(np.percentile(values, tail, method="lower")), int(np.percentile(values, 100 - tail, method="higher"))]
+
+
 def bootstrap_range(hn: torch.Tensor, hm: torch.Tensor, centre: bool, samples: int = 200, seed: int = 0,
                     lo: float = 0.2, hi: float = 0.8) -> dict:
     """Resample N and M prompts with replacement; distribution of the initial range."""
@@ -230,8 +238,7 @@ def bootstrap_range(hn: torch.Tensor, hm: torch.Tensor, centre: bool, samples: i
     pairs = list(zip(starts, ends))
     mode = max(set(pairs), key=pairs.count)
     return {"samples": samples, "no_range": none,
-            "start_ci": [int(np.percentile(starts, 2.5)), int(np.percentile(starts, 97.5))],
-            "end_ci": [int(np.percentile(ends, 2.5)), int(np.percentile(ends, 97.5))],
+            "start_ci": layer_interval(starts), "end_ci": layer_interval(ends),
             "mode": list(mode), "mode_share": pairs.count(mode) / samples}
 
 

@@ -112,19 +112,38 @@ def _states(model, cfg: AnalyzeConfig, normal, malicious, tag=""):
     return hn, hm
 
 
+def shared_template(lm, ref, template: str) -> str:
+    """Give the reference model the aligned model's prompt format; say which format both use.
+
+    A base model usually has no chat template, and ``chat`` would fall back to "User:/Assistant:"
+    for it while the aligned model keeps its own, so the difference would compare formats. With
+    ``chat`` the aligned model's chat template is set on the reference tokenizer (same family,
+    same vocabulary), so both render the same text; any other template is one format already.
+    """
+    from ..core.prompts import resolve_template
+
+    used = resolve_template(lm.tokenizer, template)
+    if used != "chat":
+        return used
+    ref.tokenizer.chat_template = lm.tokenizer.chat_template
+    return "chat (the aligned model's chat template, on both models)"
+
+
 def _reference(lm, cfg: AnalyzeConfig, normal, malicious, stats: dict) -> dict:
-    """The reference model's curves on the same prompts, and the model's minus the reference's."""
+    """The reference model's curves on the same prompts, rendered in the aligned model's format, and
+    the model's minus the reference's."""
     from ..core.models import load_or_use
 
     ref = load_or_use(cfg.reference_model, cfg)
     if len(ref.blocks) != len(lm.blocks):
         raise SafetyLayersError(
             f"reference model has {len(ref.blocks)} layers, the model {len(lm.blocks)}: compare models of one family")
+    template = shared_template(lm, ref, cfg.template)
     rn, rm = _states(ref, cfg, normal, malicious, tag="reference ")
     rstats = analyze_states(rn, rm, pairs=cfg.pairs, range_curve=cfg.range_curve, bootstrap=0,
                             seed=cfg.seed, probe=cfg.probe)
     return {
-        "model": cfg.reference_model,
+        "model": cfg.reference_model, "template": template,
         "raw_gap": rstats["raw"].gap_exact, "centred_gap": rstats["centred"].gap_exact,
         "probe_accuracy": rstats["probe_accuracy"], "initial_range": rstats["initial_range"],
         "raw_gap_difference": [a - b for a, b in zip(stats["raw"].gap_exact, rstats["raw"].gap_exact)],

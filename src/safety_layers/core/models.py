@@ -44,6 +44,9 @@ class ArchSpec:
     a fused matrix by a scalar is the same as scaling its parts alike.
     ``norms``: the block's normalisation modules (frozen only on request).
     ``final_norm``: candidate paths of the norm applied after the last block.
+    ``qk_norms``: canonical name -> path of the norm applied to that projection's output
+    (qwen3, gemma3, olmo2): it renormalises q and k, so its gain belongs to "the
+    parameters of a layer" next to the projection (see :meth:`Blocks.parameter_paths`).
     """
 
     model_types: tuple[str, ...]
@@ -51,6 +54,7 @@ class ArchSpec:
     components: dict[str, str]
     norms: tuple[str, ...]
     final_norm: tuple[str, ...]
+    qk_norms: dict[str, str] = field(default_factory=dict)
 
 
 ARCHS: list[ArchSpec] = [
@@ -58,7 +62,8 @@ ARCHS: list[ArchSpec] = [
              ("model.layers", "model.language_model.layers"),
              {**_LLAMA_ATTN, **_LLAMA_MLP},
              _LLAMA_NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
-             ("model.norm", "model.language_model.norm")),
+             ("model.norm", "model.language_model.norm"),
+             {"attn.q": "self_attn.q_norm", "attn.k": "self_attn.k_norm"}),
     ArchSpec(("phi3",), ("model.layers",),
              {"attn.qkv": "self_attn.qkv_proj", "attn.o": "self_attn.o_proj",
               "mlp.gate_up": "mlp.gate_up_proj", "mlp.down": "mlp.down_proj"},
@@ -79,6 +84,8 @@ SUPPORTED_MODEL_TYPES = sorted({t for a in ARCHS for t in a.model_types})
 #: weight matrix (q, k, v, o, gate, up, down), no norms, biases or embeddings.
 PAPER_COMPONENTS = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o",
                     "mlp.gate", "mlp.up", "mlp.gate_up", "mlp.down")
+#: Model types whose RMSNorm multiplies by ``1 + weight`` instead of ``weight``.
+UNIT_OFFSET_NORMS = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
 #: The OpenReview submission's scaling code never wrote o_proj back (docs/paper.md §3.1).
 NO_O_PROJ_COMPONENTS = tuple(c for c in PAPER_COMPONENTS if c != "attn.o")
 
@@ -124,22 +131,50 @@ class Blocks:
                     out[f"norm.{n}.weight"] = mod.weight
         return out
 
+    def parameter_paths(self, layer: int, names=PAPER_COMPONENTS) -> dict[str, str]:
+        """Canonical name -> module path (inside the block) of the modules that hold "the
+        parameters of a layer": each chosen projection, and for ``attn.q``/``attn.k`` the q/k
+        norm after it where the architecture has one (``attn.q.norm``). Scaling and freezing
+        both read this one definition.
+        """
+        block = self.layers[layer]
+        out = {n: self.spec.components[n] for n in names if n in self.spec.components}
+        for n, path in self.spec.qk_norms.items():
+            if n in names and _get(block, path) is not None:
+                out[f"{n}.norm"] = path
+        return out
+
+    def layer_parameters(self, layer: int, names=PAPER_COMPONENTS) -> dict[str, torch.nn.Parameter]:
+        """Canonical name -> weight, bias and q/k-norm gain of one block: what scaling multiplies."""
+        out: dict[str, torch.nn.Parameter] = {}
+        for n, path in self.parameter_paths(layer, names).items():
+            mod = _get(self.layers[layer], path)
+            for attr in ("weight", "bias"):
+                if getattr(mod, attr, None) is not None:
+                    out[f"{n}.{attr}"] = getattr(mod, attr)
+        return out
+
+    @property
+    def norm_offset(self) -> float:
+        """1.0 where a norm's gain is ``1 + weight`` (the gemma family), else 0.0."""
+        return 1.0 if getattr(getattr(self.model, "config", None), "model_type", None) in UNIT_OFFSET_NORMS else 0.0
+
     def parameters(self, layers, norms: bool = False) -> dict[str, torch.nn.Parameter]:
         """Every parameter that freezing ``layers`` (a LayerRange or layer indices) covers, by its
-        name in :attr:`model`: the whole attention and MLP sub-modules of each block (weights,
-        biases, q/k norms where an architecture has them, LoRA adapters inside them), and with
-        ``norms`` the block's own norms too, which makes it the whole block on every ArchSpec.
+        name in :attr:`model`: every parameter of the modules of :meth:`parameter_paths` (weights,
+        biases, q/k norms, LoRA adapters inside them), which is the whole attention and MLP of
+        each block on every ArchSpec, and with ``norms`` the block's own norms too.
 
         The one meaning of "frozen" in this package: SPPFT freezes the band without norms (as
         the paper's released code does), align's ``frozen_layers`` with them.
         """
-        subs = list(dict.fromkeys(path.split(".")[0] for path in self.spec.components.values()))
         out: dict[str, torch.nn.Parameter] = {}
         for i in getattr(layers, "indices", layers):
             block = self.layers[i]
-            names = subs + [n for n in self.spec.norms if norms and hasattr(block, n)]
-            for sub in names:
-                for name, p in block.get_submodule(sub).named_parameters(prefix=self.param_name(i, sub)):
+            paths = list(self.parameter_paths(i, tuple(self.spec.components)).values())
+            paths += [n for n in self.spec.norms if norms and hasattr(block, n)]
+            for path in paths:
+                for name, p in block.get_submodule(path).named_parameters(prefix=self.param_name(i, path)):
                     out[name] = p
         return out
 

@@ -44,8 +44,10 @@ class RateResult:
     ``over_refusal_rate`` (share refused: R_o / n). ``count``, ``rate`` and ``ci`` (95%
     Wilson) come from the headline judge ``judge``; ``judges`` holds every judge's counts
     and ``agreement`` every pair's percent agreement and kappa (over prompts both decided).
-    ``prompts``, ``completions`` and ``verdicts`` are per-prompt data, kept in memory and
-    in samples.jsonl, not in result.json.
+    ``harmful_score`` is the paper's S_h, the mean 1-5 score of the ``llm`` judge
+    (``score_judge`` names it), and None when no ``llm`` judge ran: a classifier's mean
+    probability is not a 1-5 score. ``prompts``, ``completions`` and ``verdicts`` are
+    per-prompt data, kept in memory and in samples.jsonl, not in result.json.
     """
 
     metric: str
@@ -63,6 +65,7 @@ class RateResult:
     template: str
     generation: dict
     seconds: dict[str, float]
+    score_judge: str | None = None
     prompts: list[str] = field(default_factory=list, repr=False, metadata=SAMPLE)
     completions: list[Completion] = field(default_factory=list, repr=False, metadata=SAMPLE)
     verdicts: dict[str, list[Verdict]] = field(default_factory=dict, repr=False, metadata=SAMPLE)
@@ -88,6 +91,11 @@ def judge_label(judge: Judge) -> str:
     """The column name of a judge: its registry name, plus the mode for a non-default keyword judge."""
     mode = getattr(judge, "mode", None)
     return f"{judge.name}-{mode}" if judge.name == "keyword" and mode not in (None, "opening") else judge.name
+
+
+def llm_labels(judges: Mapping[str, Judge]) -> list[str]:
+    """Labels of the ``llm`` judges: the only judges whose mean score is the paper's 1-5 S_h."""
+    return [label for label, j in judges.items() if j.name == "llm"]
 
 
 def measures_harm(judge: Judge) -> bool:
@@ -157,19 +165,24 @@ def agreement(verdicts: Mapping[str, Sequence[Verdict]]) -> list[dict]:
 
 def rate_result(metric: str, name: str, source: str, prompts: list[str], comps: list[Completion],
                 verdicts: dict[str, list[Verdict]], template: str, settings: GenerationSettings,
-                seconds: dict) -> RateResult:
-    """Counts and rates from per-judge verdicts; the first judge in ``verdicts`` is the headline."""
+                seconds: dict, llm: Sequence[str] = ()) -> RateResult:
+    """Counts and rates from per-judge verdicts; the first judge in ``verdicts`` is the headline.
+
+    S_h comes from the first ``llm`` judge (labels in ``llm``) that scored anything, else None.
+    """
     summaries = {label: summarize(v, judge=label) for label, v in verdicts.items()}
     head = next(iter(verdicts))
     s = summaries[head]
     decided = s.n - s.errors
     count = decided - s.refused if metric == "harmful_rate" else s.refused
-    scores = [x.harmful_score for x in summaries.values() if x.harmful_score is not None and x.judge != "proxy"]
+    score_judge = next((label for label in llm if label in summaries and summaries[label].harmful_score is not None),
+                       None)
     return RateResult(
         metric=metric, set=name, source=source, n=len(prompts), judge=head, count=count, decided=decided,
         rate=count / decided if decided else None, ci=wilson_interval(count, decided) if decided else None,
-        harmful_score=scores[0] if scores else None, judges=summaries, agreement=agreement(verdicts),
-        template=template, generation=dataclasses.asdict(settings), seconds=seconds,
+        harmful_score=summaries[score_judge].harmful_score if score_judge else None, judges=summaries,
+        agreement=agreement(verdicts),
+        template=template, generation=dataclasses.asdict(settings), seconds=seconds, score_judge=score_judge,
         prompts=list(prompts), completions=list(comps), verdicts=verdicts)
 
 
@@ -221,7 +234,8 @@ def rate(model, prompts, *, metric: Literal["harmful_rate", "over_refusal_rate"]
             if proxy.threshold is None:
                 proxy.calibrate(ps.prompts, verdicts[head], scores=scores)
             verdicts["proxy"] = proxy_verdicts(scores, proxy.threshold)
-        return rate_result(metric, ps.name, ps.source, ps.prompts, comps, verdicts, template, s, seconds)
+        return rate_result(metric, ps.name, ps.source, ps.prompts, comps, verdicts, template, s, seconds,
+                           llm=llm_labels(js))
 
     return run_on_main(judge_all)
 

@@ -27,7 +27,7 @@ from ..engine.generation import Completion, GenerationSettings
 from ..judges import Judge, Verdict
 from .config import EvaluateConfig
 from .quality import QualityResult, lm_eval_scores, load_references, score_quality
-from .rates import (RateResult, build_judge, generate_all, measures_harm, ordered, prompt_set, proxy_verdicts,
+from .rates import (RateResult, build_judge, generate_all, llm_labels, measures_harm, ordered, prompt_set, proxy_verdicts,
                     rate_result, run_judges)
 
 
@@ -165,7 +165,8 @@ class _Evaluation:
         self._judge(quality)
         calibration = _add_proxy(cfg, self.lm, self.runs) if "proxy" in cfg.judges else None
         rates = {r.metric: rate_result(r.metric, r.ps.name, r.ps.source, r.ps.prompts, r.comps,
-                                       ordered(r.verdicts, cfg.judges), cfg.template, r.settings, r.seconds)
+                                       ordered(r.verdicts, cfg.judges), cfg.template, r.settings, r.seconds,
+                                       llm=llm_labels(self.judges))
                  for r in self.runs if r.verdicts}
         lm_eval = None
         if cfg.lm_eval_tasks:
@@ -295,7 +296,7 @@ def _rates_table(rates: list[RateResult], title: str):
                       f"{count}/{decided}" + (f" ({s.errors} err)" if s.errors else ""),
                       _pct(count / decided if decided else None),
                       f"{_pct(ci[0])}-{_pct(ci[1])}" if ci else "-",
-                      f"{s.harmful_score:.2f}" if s.harmful_score is not None and label != "proxy" else "")
+                      f"{r.harmful_score:.2f}" if label == r.score_judge else "")
     return t
 
 

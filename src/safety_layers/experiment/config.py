@@ -35,6 +35,9 @@ SECTION_FIXED = ("model", "out", "overwrite", "progress", "device", "dtype", "de
 FINETUNE_KEYS = ("template", "train_on_inputs", "paper", "freeze_norms", "max_length", "lora_r", "lora_alpha", "dtype",
                 "device")
 _DERIVED = ("paper_set",)
+#: The paper's Table 6 learning rates of its four models (docs/paper.md); harmful-data runs use 1e-5.
+PAPER_LRS = {"meta-llama/Meta-Llama-3-8B-Instruct": 1e-4, "meta-llama/Llama-2-7b-chat-hf": 3e-4,
+             "google/gemma-2b-it": 1e-4, "microsoft/Phi-3-mini-4k-instruct": 6e-4}
 _YAML = {"cli": False}   # a setting for YAML files and Python, not a command-line flag
 _SECTIONS = {"evaluate": EvaluateConfig, "analysis": AnalyzeConfig, "locate": LocateConfig}
 
@@ -128,14 +131,16 @@ class ExperimentConfig:
         "help": "normal, implicit, backdoor, harmful-p<p> (harmful = harmful-p0.1)", **_YAML})
     methods: list = field(default_factory=lambda: ["full", "sppft"], metadata={
         "help": f"{', '.join(BASE_METHODS)}, freeze:A-B", **_YAML})
-    lrs: list = field(default_factory=lambda: [1e-4], metadata={"help": "learning rates", **_YAML})
+    lrs: list | None = field(default=None, metadata={
+        "help": "learning rates (default: [1e-4]; paper mode: the paper's Table 6 rate of the model)", **_YAML})
     lr_overrides: dict = field(default_factory=dict, metadata={
         "help": "learning rates per scenario kind or label, e.g. {harmful: [1e-5]} (paper Tab.6)", **_YAML})
     seeds: list = field(default_factory=lambda: [0], metadata={"help": "training seeds", **_YAML})
     epochs: float = field(default=3.0, metadata={"help": "training epochs (paper: 3)", **_YAML})
     batch_size: int = field(default=4, metadata={"help": "per-device batch size (paper: 4)", **_YAML})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps (paper's code: 32)", **_YAML})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps (paper: 100)", **_YAML})
+    warmup_steps: int | None = field(default=None, metadata={
+        "help": "linear warmup steps (default: 0; paper mode: 100)", "default": 0, "paper": 100, **_YAML})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps", **_YAML})
     max_length: int = field(default=256, metadata={"help": "tokens per training example (paper: 256)", **_YAML})
     template: str | None = field(default=None, metadata={
@@ -145,7 +150,8 @@ class ExperimentConfig:
         "help": "loss on prompt tokens too (the paper's code; default off, on in paper mode)",
         "default": False, "paper": True, **_YAML})
     paper: bool = field(default=False, metadata={
-        "help": "paper mode: Alpaca template, loss on inputs, paper evaluation (for settings left unset)", **_YAML})
+        "help": "paper mode: Alpaca template, loss on inputs, warmup 100, Table 6 learning rates, paper evaluation "
+                "(for settings left unset)", **_YAML})
     freeze_norms: bool = field(default=False, metadata={"help": "also freeze the band's norms", **_YAML})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank", **_YAML})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha", **_YAML})
@@ -169,6 +175,7 @@ class ExperimentConfig:
 
     def __post_init__(self):
         self.paper_set = settle(self)
+        self._paper_lrs()
         self._check_grid()
         self._check_training()
         check_section_keys("scenario_options", self.scenario_options, ("prefix", "trigger", "trigger_position"))
@@ -217,6 +224,24 @@ class ExperimentConfig:
         elif self.n is not None:
             _int(self.n, "n")
 
+    def _paper_lrs(self) -> None:
+        """Learning rates left unset: the paper's Table 6 rate of its four models in paper mode (and 1e-5
+        for the harmful scenario), else 1e-4; another model in paper mode keeps 1e-4, with a note."""
+        if self.lrs is not None:
+            return
+        self.lrs = [1e-4]
+        if not self.paper:
+            return
+        lr = PAPER_LRS.get(self.model)
+        if lr is None:
+            self.paper_set.append(f"lrs=[0.0001] (no Table 6 rate for {self.model}: the default kept)")
+            return
+        self.lrs = [lr]
+        self.paper_set.append(f"lrs=[{lr}]")
+        if "harmful" not in self.lr_overrides:
+            self.lr_overrides["harmful"] = [1e-5]
+            self.paper_set.append("lr_overrides={harmful: [1e-05]}")
+
     def _check_training(self) -> None:
         if self.epochs <= 0 or self.batch_size < 1 or self.grad_accum < 1 or self.warmup_steps < 0:
             raise SafetyLayersError("epochs must be > 0, batch_size and grad_accum >= 1, warmup_steps >= 0")
@@ -243,6 +268,24 @@ class ExperimentConfig:
     def analysis_config(self) -> AnalyzeConfig:
         """The analysis section, or the defaults (the drift gap curves need one even without it)."""
         return self.analysis if self.analysis is not None else self._section("analysis", {})
+
+    def stage_settings(self) -> dict[str, dict]:
+        """The template and paper flag of every stage (analysis, locate, training, evaluation, drift).
+
+        Every section inherits the experiment's ``template`` and ``paper`` unless it sets its
+        own (an explicit override); the run records this in experiment.json and results.json
+        so a reader sees that every stage rendered its prompts alike, or which did not.
+        """
+        def of(c) -> dict:
+            return {"template": c.template, "paper": c.paper}
+
+        out = {"analysis": of(self.analysis_config())}
+        if self.locate is not None:
+            out["locate"] = of(self.locate)
+        out["training"] = of(self)
+        out["evaluation"] = of(self.evaluate)
+        out["drift"] = of(self.evaluate)   # drift's refusal counts render with the evaluation's template
+        return out
 
     def finetune_settings(self, shared: Path | None = None) -> dict:
         """The FinetuneConfig fields every cell shares (the cell adds data, method, band and folder);

@@ -110,6 +110,7 @@ def write_results(run_dir: str | Path, order: list[Cell] | None = None) -> dict:
     cells = [read_json(p, "cell record") for p in sorted((run / "cells").glob("*/cell.json"))]
     results = aggregate(cells, (exp.get("baseline") or {}).get("metrics") or {}, order)
     results["band"] = exp.get("band")
+    results["stages"] = exp.get("stages")
     write_json(run / "results.json", results)
     title = f"SPPFT experiment: {exp['config'].get('name') or exp['config']['model']}, band {exp.get('band')}"
     atomic_write(run / "results.md", results_markdown(results, title) + "\n")
@@ -137,11 +138,12 @@ def _open_run(run: Path, cfg: ExperimentConfig) -> dict:
             raise SafetyLayersError(f"{run} was run with different settings ({', '.join(changed)} changed): its "
                                     "finished cells would not compare; use a new run folder, or change only "
                                     f"{', '.join(GRID_FIELDS)}")
-        exp.update(config=config, resumed=_now(), finished=None)
+        exp.update(config=config, stages=cfg.stage_settings(), resumed=_now(), finished=None)
     else:
         if run.exists() and any(p.name not in (INPUTS, LOCK_NAME) for p in run.iterdir()):
             raise SafetyLayersError(f"{run} exists, is not empty and holds no experiment.json: choose another folder")
-        exp = {"version": EXPERIMENT_VERSION, "config": config, "environment": environment(), "band": None,
+        exp = {"version": EXPERIMENT_VERSION, "config": config, "stages": cfg.stage_settings(),
+               "environment": environment(), "band": None,
                "band_source": None, "started": _now(), "finished": None}
     write_json(run / "experiment.json", exp)
     return exp

@@ -20,8 +20,10 @@ Refusals are counted as the released code does, on greedy completions of ``max_n
 (16) judged by the keyword judge. Speed: the released code deep-copied the model for every
 candidate and generated one prompt at a time (about 23 minutes per candidate for 721 prompts
 on a 2-core CPU). Here the band is scaled in place and every candidate is first *screened*
-with the first-token refusal proxy; the ``confirm_top`` best candidates of each sweep and the
-final band are then counted by generation + judge, which makes the decision. Should the proxy
+with the first-token refusal proxy; the ``confirm_top`` best candidates of each sweep, every
+candidate within the proxy's measured error of the best (``search.CONFIRM_RULE``) and the
+final band are then counted by generation + judge, which makes the decision; each sweep
+records the error, the proxy's winner and whether the two disagree. Should the proxy
 fail to calibrate, or give the same count everywhere in the alpha search, screening falls
 back to generation, with a note. Counts are journaled (:mod:`.trials`), so a rerun on the
 same folder evaluates nothing twice; under ``torchrun`` every rank takes the same decisions.
@@ -92,7 +94,8 @@ class LocateConfig:
         "help": "how every candidate is counted first: proxy (first-token, fast) or generation "
                 "(default: proxy; paper mode: generation)", "default": "proxy", "paper": "generation", **KNOB})
     confirm_top: int = field(default=2, metadata={
-        "help": "best screened candidates per sweep recounted with generation + judge (they decide)", **KNOB})
+        "help": "best screened candidates per sweep always recounted by generation (then all within the proxy's error)",
+        **KNOB})
     max_new_tokens: int = field(default=16, metadata={
         "help": "tokens generated per prompt for refusal counting (paper code: 16)", **KNOB})
     judge: str | None = field(default=None, metadata={

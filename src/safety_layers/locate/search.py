@@ -130,7 +130,9 @@ def sweep_bound(bound: Literal["upper", "lower"], fixed: int, centre: int, num_l
 
     ``upper``: ranges [fixed, e] for e around ``centre``; ``lower``: [s, fixed]. ``screen(range)``
     gives every candidate's count. With ``confirm`` (generation + judge) the ``confirm_top`` best
-    screened candidates are recounted and the best recount decides; without it the screening
+    screened candidates and every one within the proxy's measured error of the best are recounted
+    (:data:`CONFIRM_RULE`) and the best recount decides; the last stage then records
+    ``proxy_error``, ``proxy_winner``, ``disagree`` and ``rule``; without it the screening
     counts are generation counts and decide directly. Widening follows :data:`EDGE_RULE`.
     Each stage is ``{"stage", "bound", "fixed", "rows": [{"range", "proxy_count", "count",
     "confirmed"}], "chosen"}`` with rows ordered from the narrowest band.
@@ -148,10 +150,7 @@ def sweep_bound(bound: Literal["upper", "lower"], fixed: int, centre: int, num_l
         if confirm is None:
             pool = screened
         else:
-            ranked = sorted(screened, key=lambda v: rank_key(screened[v], make(v), direction))
-            for v in ranked[:confirm_top]:
-                if v not in confirmed:
-                    confirmed[v] = confirm(make(v))
+            error = _confirm_close(screened, confirmed, confirm, make, direction, confirm_top)
             pool = confirmed or screened
         best = min(pool, key=lambda v: rank_key(pool[v], make(v), direction))
         new = _widening(best, min(screened), max(screened), lo, hi, window)
@@ -160,8 +159,36 @@ def sweep_bound(bound: Literal["upper", "lower"], fixed: int, centre: int, num_l
         widened += 1
         stages.append((f"{bound}-widened", new))
     chosen = make(best)
-    return chosen, [_stage(name, bound, fixed, values, make, screened, None if confirm is None else confirmed, chosen)
-                    for name, values in stages]
+    out = [_stage(name, bound, fixed, values, make, screened, None if confirm is None else confirmed, chosen)
+           for name, values in stages]
+    if confirm is not None:
+        proxy_best = make(min(screened, key=lambda v: rank_key(screened[v], make(v), direction)))
+        out[-1].update(proxy_error=error, proxy_winner=[proxy_best.start, proxy_best.end],
+                       disagree=proxy_best != chosen, rule=CONFIRM_RULE)
+    return chosen, out
+
+
+#: How many screened candidates generation recounts (recorded with each sweep).
+CONFIRM_RULE = ("generation recounts the confirm_top best proxy candidates, then every candidate whose proxy count "
+                "lies within the proxy's measured error of the best proxy count, the error being the largest "
+                "|proxy - generation| seen on recounted candidates, until no such candidate is left; the "
+                "generation counts decide")
+
+
+def _confirm_close(screened: dict, confirmed: dict, confirm, make, direction: str, top: int) -> int:
+    """Recount by generation the ``top`` best screened candidates and every one within the proxy's measured
+    error of the best (:data:`CONFIRM_RULE`); returns that error."""
+    ranked = sorted(screened, key=lambda v: rank_key(screened[v], make(v), direction))
+    todo = ranked[:top]
+    while True:
+        for v in todo:
+            if v not in confirmed:
+                confirmed[v] = confirm(make(v))
+        error = max(abs(screened[v] - confirmed[v]) for v in confirmed)
+        best = screened[ranked[0]]
+        todo = [v for v in ranked if v not in confirmed and abs(screened[v] - best) <= error]
+        if not todo:
+            return error
 
 
 def _widening(best: int, vmin: int, vmax: int, lo: int, hi: int, w: int) -> list[int]:
