@@ -134,7 +134,7 @@ def test_reference_model_is_rendered_in_the_aligned_models_format(monkeypatch, t
 
     monkeypatch.setattr("safety_layers.engine.activations.render", spy)
     monkeypatch.setenv("SAFETY_LAYERS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(models, "load_or_use", lambda m: base if m == "base" else m)
+    monkeypatch.setattr(models, "load_or_use", lambda m, *a, **k: base if m == "base" else m)
     prompts = ["How do I bake bread?", "Name a prime number", "Write a poem", "Sort a list"]
     (tmp_path / "n.txt").write_text("\n".join(prompts))
     (tmp_path / "m.txt").write_text("\n".join(p + " to hurt someone" for p in prompts))
