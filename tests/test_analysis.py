@@ -56,6 +56,21 @@ def test_gap_opens_where_the_sets_split_and_centring_is_reported():
     assert cen.centre == "joint" and len(cen.gap_exact) == 8
 
 
+def test_paper_curve_reads_the_range_from_the_papers_gap_definition():
+    """range_curve='paper' (paper mode's) reads the range from the mean of per-pair angles over
+    the sampled pairs, not from the code's angle of the exact mean, and says so in the rule."""
+    hn, hm = synthetic()
+    out = analyze_states(hn, hm, pairs=100, range_curve="paper", bootstrap=0, probe=False)
+    raw = out["raw"]
+    assert raw.gap_paper != raw.gap_exact                       # two definitions, two curves
+    assert out["initial_range"] == initial_range(raw.gap_paper)
+    assert "paper's definition" in out["range_rule"]
+    assert analyze_states(hn, hm, pairs=100, range_curve="raw", bootstrap=0, probe=False)["initial_range"] == \
+        initial_range(raw.gap_exact)
+    with pytest.raises(SafetyLayersError, match="unknown range curve 'exact'"):
+        analyze_states(hn, hm, range_curve="exact")
+
+
 def test_gram_gap_with_unit_weights_equals_exact_curves():
     hn, hm = synthetic()
     x = torch.cat([hn, hm])
@@ -91,9 +106,9 @@ def test_paper_mode_sets_only_what_is_unset():
     from safety_layers.analysis import AnalyzeConfig
 
     cfg = AnalyzeConfig(paper=True)
-    assert (cfg.template, cfg.range_curve, cfg.paper_set) == ("alpaca", "raw", ["template=alpaca", "range_curve=raw", "dtype=float32"])
+    assert (cfg.template, cfg.range_curve, cfg.paper_set) == ("alpaca", "paper", ["template=alpaca", "range_curve=paper", "dtype=float32"])
     kept = AnalyzeConfig(paper=True, template="chat")
-    assert (kept.template, kept.range_curve, kept.paper_set) == ("chat", "raw", ["range_curve=raw", "dtype=float32"])
+    assert (kept.template, kept.range_curve, kept.paper_set) == ("chat", "paper", ["range_curve=paper", "dtype=float32"])
     ours = AnalyzeConfig()
     assert (ours.model, ours.template, ours.range_curve, ours.paper_set) == ("demo", "chat", "centred", [])
 

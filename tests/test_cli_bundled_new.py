@@ -143,7 +143,7 @@ def test_scan_on_the_bundled_model(tmp_path, capsys):
         "evaluate": {"judges": "keyword", "limit": 4, "max_new_tokens": 8}, "drift": False}))
     run = tmp_path / "scan"
     rc = main(["scan", str(config), "--width", "15", "--stride", "15", "--random", "0", "--no-progress",
-               "--no-report", "--out", str(run)])
+               "--out", str(run)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     scan = json.loads((run / "scan" / "scan.json").read_text())
@@ -158,3 +158,4 @@ def test_scan_on_the_bundled_model(tmp_path, capsys):
     md = (run / "scan" / "scan.md").read_text()
     assert "| freeze-0-14 | 0-14 |" in md and "| freeze-15-29 | 15-29 |" in md
     assert str(run / "scan") in captured.out
+    assert "Band-protection scan" in (run / "report.md").read_text(encoding="utf-8")

@@ -434,3 +434,35 @@ def test_demo_then_report_on_the_bundled_model(tmp_path, capsys):
     assert [c.stat().st_mtime_ns for c in cells] == stamps
     assert main(["report", str(out), "--out", str(tmp_path / "again.html")]) == 0
     assert (tmp_path / "again.html").is_file() and (tmp_path / "again.md").is_file()
+
+
+def test_finetune_paper_mode_sets_the_papers_trainer_settings_unless_given(tmp_path, monkeypatch, capsys):
+    """--paper fixes warmup 100, 3 epochs, batch 4 and Table 6's learning rate of the model
+    (docs/paper.md §4.3); a trainer flag or YAML key the user gives keeps its value."""
+    import safety_layers.finetune as ft
+    from safety_layers.finetune.config import PAPER_LRS, paper_training_args
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake(cfg, targs):
+        seen.update(cfg=cfg, targs=targs)
+        raise Stop
+
+    monkeypatch.setattr(ft, "finetune", fake)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"instruction": "Say hi", "output": "Hi"}) + "\n")
+    model = "meta-llama/Llama-2-7b-chat-hf"
+    monkeypatch.setattr("safety_layers.cli.checks.check_inputs", lambda *a, **k: None, raising=False)
+    with pytest.raises(Stop):
+        main(["finetune", "--model", model, "--data", str(data), "--method", "full", "--paper",
+              "--output-dir", str(tmp_path / "run"), "--warmup-steps", "7"])
+    targs = seen["targs"]
+    assert targs.learning_rate == PAPER_LRS[model] == 3e-4 and targs.num_train_epochs == 3
+    assert targs.warmup_steps == 7                       # the user's flag wins over paper mode
+    assert "learning_rate=0.0003" in seen["cfg"].paper_set and "warmup_steps=100" not in seen["cfg"].paper_set
+    assert paper_training_args("my/model", set()) == {"warmup_steps": 100, "num_train_epochs": 3,
+                                                      "per_device_train_batch_size": 4}
+    capsys.readouterr()

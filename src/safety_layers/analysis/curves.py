@@ -244,6 +244,16 @@ def bootstrap_range(hn: torch.Tensor, hm: torch.Tensor, centre: bool, samples: i
 
 # --------------------------------------------------------------------------- whole analysis
 
+#: Gap curves the initial range can be read from, and what each one is. ``paper`` is the paper's
+#: own definition (docs/paper.md §2): the mean of per-pair angles over the r pairs sampled with
+#: the released code's seeds, on raw states. Its bootstrap interval resamples the exact raw gap.
+RANGE_CURVES = {
+    "centred": "centred gap, exact all-pairs means",
+    "raw": "raw gap, exact all-pairs means",
+    "paper": "raw gap in the paper's definition: mean of per-pair angles over the sampled pairs",
+}
+
+
 def analyze_states(hn: torch.Tensor, hm: torch.Tensor, *, pairs: int = 500, range_curve: str = "centred",
                    bootstrap: int = 200, seed: int = 0, probe: bool = True, rise=(0.2, 0.8),
                    seeds: dict | None = None) -> dict:
@@ -251,16 +261,16 @@ def analyze_states(hn: torch.Tensor, hm: torch.Tensor, *, pairs: int = 500, rang
     if len(hn) < 2 or len(hm) < 2:
         raise SafetyLayersError(
             f"need at least 2 normal and 2 malicious prompts, got {len(hn)} and {len(hm)}: use larger sets")
-    if range_curve not in ("centred", "raw"):
-        raise SafetyLayersError(f"unknown range curve {range_curve!r}: use centred or raw")
+    if range_curve not in RANGE_CURVES:
+        raise SafetyLayersError(f"unknown range curve {range_curve!r}: use {', '.join(RANGE_CURVES)}")
     raw = curves(hn, hm, pairs, "none", seeds)
     cen = curves(hn, hm, pairs, "joint", seeds)
-    gap = (cen if range_curve == "centred" else raw).gap_exact
+    gap = {"centred": cen.gap_exact, "raw": raw.gap_exact, "paper": raw.gap_paper}[range_curve]
     lo, hi = rise
     return {
         "raw": raw, "centred": cen,
         "probe_accuracy": probe_accuracy(hn, hm, seed=seed) if probe else [],
         "initial_range": initial_range(gap, lo, hi),
         "bootstrap": bootstrap_range(hn, hm, range_curve == "centred", bootstrap, seed, lo, hi),
-        "range_rule": RANGE_RULE.format(lo=lo, hi=hi) + f" ({range_curve} gap, exact all-pairs means)",
+        "range_rule": RANGE_RULE.format(lo=lo, hi=hi) + f" ({RANGE_CURVES[range_curve]})",
     }

@@ -39,6 +39,8 @@ def plot_analysis(result, path: str | Path) -> Path:
     ax = axes[3]
     ax.plot(layers, raw.gap_exact, color="black", lw=2, label="raw gap")
     ax.plot(layers, cen.gap_exact, color="tab:purple", lw=2, label="centred gap (joint N+M mean)")
+    # the paper's definition (mean of per-pair angles, sampled pairs) beside the code's (angle of the mean)
+    ax.plot(layers, raw.gap_paper, color="black", lw=1.5, ls=":", label="raw gap, paper's definition")
     if result.reference:
         ref = result.reference
         ax.plot(layers, ref["raw_gap"], color="black", lw=1, ls="--", label=f"raw gap, {ref['model']}")

@@ -44,8 +44,9 @@ class AnalyzeConfig:
     bootstrap: int = field(default=200, metadata={
         "help": "prompt resamples for the interval of the initial range (0: off)", **KNOB})
     range_curve: str | None = field(default=None, metadata={
-        "help": "gap curve the initial range is read from: centred or raw (default: centred; paper mode: raw)",
-        "default": "centred", "paper": "raw", **KNOB})
+        "help": "gap curve the initial range is read from: centred, raw, or paper (the paper's definition: "
+                "mean of per-pair angles over the sampled pairs)",
+        "default": "centred", "paper": "paper", **KNOB})
     probe: bool = field(default=True, metadata={"help": "fit a per-layer linear probe N vs M", **KNOB})
     final_norm: bool = field(default=True, metadata={
         "help": "apply the final norm to the last layer's vector, as the paper's code does", **KNOB})
@@ -54,7 +55,7 @@ class AnalyzeConfig:
                 "aligned-minus-reference curves"})
     seed: int = field(default=0, metadata={"help": "random seed of the probe's folds and the bootstrap", **KNOB})
     paper: bool = field(default=False, metadata={
-        "help": "paper mode: Alpaca template, initial range from the raw gap (settings you give keep their value)"})
+        "help": "paper mode: Alpaca template, initial range from the raw gap in the paper's definition, fp32 (settings you give keep their value)"})
     out: str | None = field(default=None, metadata={"help": "run folder (default runs/analyze-<model>-<time>)"})
     overwrite: bool = field(default=False, metadata={"help": "reuse an existing, non-empty run folder", **KNOB})
     progress: bool = field(default=True, metadata={"help": "show progress bars", **KNOB})

@@ -237,6 +237,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     from ..core.config import check_types, init_fields
     from ..core.runs import default_run_dir, run_folder
     from ..finetune import FinetuneConfig, finetune
+    from ..finetune.config import paper_training_args
     from .args import build_config, yaml_values
 
     if args.trainer_help:
@@ -246,6 +247,11 @@ def run_finetune(args: argparse.Namespace) -> int:
     ours, theirs = _split_yaml(args.config, yaml_values(args), set(init_fields(FinetuneConfig)), trainer_names)
     theirs = check_types(TrainingArguments, theirs, str(args.config))
     cfg = build_config(FinetuneConfig, args, ours)
+    if cfg.paper:              # the Trainer settings paper mode fixes, unless the YAML or a flag gave them
+        flagged = {a.split("=")[0].lstrip("-").replace("-", "_") for a in args.passthrough if a.startswith("--")}
+        fixed = paper_training_args(cfg.model, set(theirs) | flagged)
+        theirs.update(fixed)
+        cfg.paper_set.extend(f"{k}={v}" for k, v in fixed.items())
     paper_note(cfg)
     theirs.setdefault("output_dir", str(default_run_dir("finetune", cfg.model, cfg.method)))
     if cfg.device == "cpu":

@@ -23,7 +23,7 @@ from ..core.layers import LayerRange
 from ..core.placement import device_settings
 from ..core.runs import to_jsonable
 from ..evaluate import EvaluateConfig
-from ..finetune.config import BASELINE_FIELDS
+from ..finetune.config import BASELINE_FIELDS, PAPER_LRS
 from ..locate import LocateConfig
 from .grid import BASE_METHODS, SCENARIO_KINDS, method_label, parse_scenario, scenario_label
 
@@ -35,9 +35,6 @@ SECTION_FIXED = ("model", "out", "overwrite", "progress", "device", "dtype", "de
 FINETUNE_KEYS = ("template", "train_on_inputs", "paper", "freeze_norms", "max_length", "lora_r", "lora_alpha", "dtype",
                 "device")
 _DERIVED = ("paper_set",)
-#: The paper's Table 6 learning rates of its four models (docs/paper.md); harmful-data runs use 1e-5.
-PAPER_LRS = {"meta-llama/Meta-Llama-3-8B-Instruct": 1e-4, "meta-llama/Llama-2-7b-chat-hf": 3e-4,
-             "google/gemma-2b-it": 1e-4, "microsoft/Phi-3-mini-4k-instruct": 6e-4}
 _YAML = {"cli": False}   # a setting for YAML files and Python, not a command-line flag
 _SECTIONS = {"evaluate": EvaluateConfig, "analysis": AnalyzeConfig, "locate": LocateConfig}
 

@@ -124,14 +124,15 @@ def gap_curves(lm, acfg, progress: bool = True, cache: bool = True) -> dict:
                                 progress=progress, desc=f"drift {ps.name}") for ps in (normal, malicious)]
     stats = analyze_states(*states, pairs=acfg.pairs, range_curve=acfg.range_curve, bootstrap=0,
                            seed=acfg.seed, probe=False)
-    return {"raw": stats["raw"].gap_exact, "centred": stats["centred"].gap_exact, "curve": acfg.range_curve,
-            "initial_range": stats["initial_range"]}
+    return {"raw": stats["raw"].gap_exact, "centred": stats["centred"].gap_exact, "paper": stats["raw"].gap_paper,
+            "curve": acfg.range_curve, "initial_range": stats["initial_range"]}
 
 
 def gap_from_analysis(result: dict) -> dict:
     """The same fields as :func:`gap_curves`, read from an analyze ``result.json``."""
     return {"raw": result["raw"]["gap_exact"], "centred": result["centred"]["gap_exact"],
-            "curve": result.get("range_curve", "centred"), "initial_range": result.get("initial_range")}
+            "paper": result["raw"]["gap_paper"], "curve": result.get("range_curve", "centred"),
+            "initial_range": result.get("initial_range")}
 
 
 def gap_shift(base: dict, tuned: dict) -> dict:

@@ -304,9 +304,20 @@ def _reference_lines(ax, rows: list[dict], before) -> None:
         ax.axhline(100 * before, color="grey", ls=":", label="before the attack")
 
 
+def _asked_for_scan(run: Path) -> bool:
+    """Whether the run's config named a scan or random family (``scan:15/15`` on 30 layers is two
+    windows, which :func:`is_scan` alone would not recognise in the expanded methods)."""
+    from ..core.runs import read_json
+
+    exp = run / "experiment.json"
+    methods = (read_json(exp, "experiment record").get("config") or {}).get("methods") if exp.is_file() else None
+    return any(_SCAN.fullmatch(str(m)) or _RANDOM.fullmatch(str(m)) for m in methods or [])
+
+
 def write_scan(run_dir: str | Path) -> dict | None:
     """``scan/scan.json``, ``scan/scan.md`` and ``scan/<scenario>-lr<lr>.png`` from an experiment's
-    results.json, when its methods hold a scan; returns the scan record (None when there is none)."""
+    results.json, when its config named a scan or its methods hold one; returns the scan record
+    (None when there is none)."""
     from ..core.runs import atomic_write, read_json, write_json
 
     run = Path(run_dir)
@@ -314,7 +325,7 @@ def write_scan(run_dir: str | Path) -> dict | None:
     if not res_path.is_file():
         return None
     results = read_json(res_path, "experiment results")
-    if not is_scan(results):
+    if not (_asked_for_scan(run) or is_scan(results)):
         return None
     ana = run / "analysis" / "result.json"
     rng = read_json(ana, "analyze result").get("initial_range") if ana.is_file() else None

@@ -138,6 +138,20 @@ class FinetuneConfig:
             raise SafetyLayersError(f"rdpo_beta must be > 0, got {self.rdpo_beta}")
 
 
+#: The paper's Table 6 learning rates of its four models (docs/paper.md); harmful-data runs use 1e-5.
+PAPER_LRS = {"meta-llama/Meta-Llama-3-8B-Instruct": 1e-4, "meta-llama/Llama-2-7b-chat-hf": 3e-4,
+             "google/gemma-2b-it": 1e-4, "microsoft/Phi-3-mini-4k-instruct": 6e-4}
+
+
+def paper_training_args(model: str, given: set[str]) -> dict:
+    """The Trainer settings paper mode fixes (docs/paper.md §4.3: warmup 100 steps, 3 epochs,
+    batch 4, Table 6's learning rate of the model), less those in ``given`` (set by the user)."""
+    fixed = {"warmup_steps": 100, "num_train_epochs": 3, "per_device_train_batch_size": 4}
+    if model in PAPER_LRS:
+        fixed["learning_rate"] = PAPER_LRS[model]
+    return {k: v for k, v in fixed.items() if k not in given}
+
+
 def default_training_args(output_dir: str | Path, **overrides):
     """TrainingArguments with this package's defaults (batch 4, 3 epochs, lr 1e-4, one checkpoint per epoch).
 
