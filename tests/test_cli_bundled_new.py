@@ -17,7 +17,7 @@ from safety_layers.cli.main import main
 from safety_layers.core.models import DEFAULT_MODEL, cache_dir
 from safety_layers.core.registry import BUILT_MODELS
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 LAYERS = 30                                     # SmolLM2-135M's decoder layers
 
@@ -46,6 +46,7 @@ def no_demo_build(private_cache, monkeypatch):
     monkeypatch.setitem(BUILT_MODELS._entries, "demo", refuse)
 
 
+@pytest.mark.slow
 def test_attention_on_the_bundled_model(tmp_path, capsys):
     settings = tmp_path / "attention.yaml"              # limit and pairs are YAML-only
     settings.write_text(json.dumps({"limit": 2, "progress": False, "pairs": [
@@ -79,6 +80,7 @@ def _band(name: str, lo: int, hi: int) -> bool:
     return name.startswith("model.layers.") and lo <= int(name.split(".")[2]) <= hi
 
 
+@pytest.mark.slow
 def test_transplant_on_the_bundled_model(tmp_path, capsys):
     from safetensors.torch import load_file
 
@@ -131,6 +133,7 @@ def test_transplant_on_the_bundled_model(tmp_path, capsys):
     assert f"copied {len(band)} tensors" in captured.out
 
 
+@pytest.mark.slow
 def test_scan_on_the_bundled_model(tmp_path, capsys):
     data = tmp_path / "benign.jsonl"
     rows = [{"instruction": f"Name the number after {i}.", "input": "", "output": f"The number after {i} is {i + 1}."}
