@@ -162,3 +162,18 @@ def test_scan_on_the_bundled_model(tmp_path, capsys):
     assert "| freeze-0-14 | 0-14 |" in md and "| freeze-15-29 | 15-29 |" in md
     assert str(run / "scan") in captured.out
     assert "Band-protection scan" in (run / "report.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_plan_on_the_bundled_model(real_model, capsys):
+    """plan reads only the bundled model's config, yet its counts are the loaded model's: every
+    parameter, and as frozen exactly the attention and MLP weights of the band SPPFT freezes."""
+    assert main(["plan", "--model", DEFAULT_MODEL, "--band", "10-14", "--dtype", "float32", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    params = dict(real_model.model.named_parameters())
+    assert plan["parameters"] == sum(p.numel() for p in params.values())
+    band = [n for n in params if any(f".layers.{i}." in n for i in range(10, 15))
+            and ("self_attn" in n or ".mlp." in n)]
+    assert plan["frozen"] == sum(params[n].numel() for n in band) > 0
+    assert plan["trainable"] + plan["frozen"] == plan["parameters"]
+    assert plan["training"]["total"] > plan["inference"]["weights"] > 0
