@@ -276,7 +276,7 @@ def plot_scan(path: Path, scan: dict, scenario: str, lr: float) -> None:
     ax.set_xlabel("window centre (layer, 0-based)")
     ax.set_ylabel("harmful rate after the attack (%)")
     ax.set_title(f"band-protection scan: {scenario}, lr {lr:g}")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(-2, 102)              # the whole 0-100 % scale, so scans compare by eye and all-zero rows read as 0
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
