@@ -12,38 +12,14 @@ import json
 
 import pytest
 import torch
+from helpers_cli import no_demo_build, private_cache  # noqa: F401 - fixtures
 
 from safety_layers.cli.main import main
 from safety_layers.core.models import DEFAULT_MODEL, cache_dir
-from safety_layers.core.registry import BUILT_MODELS
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 LAYERS = 30                                     # SmolLM2-135M's decoder layers
-
-
-@pytest.fixture(scope="module")
-def private_cache(tmp_path_factory):
-    """A fresh cache that reuses the user's converted bare model; one torch thread (the machine is shared)."""
-    real = cache_dir() / "models" / DEFAULT_MODEL
-    root = tmp_path_factory.mktemp("cache")
-    if (real / "config.json").is_file():
-        (root / "models").mkdir()
-        (root / "models" / DEFAULT_MODEL).symlink_to(real, target_is_directory=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAFETY_LAYERS_CACHE", str(root))
-        yield root
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def no_demo_build(private_cache, monkeypatch):
-    def refuse():
-        raise AssertionError("a test reached the 'demo' alias: pass --model smollm2-135m-instruct")
-
-    monkeypatch.setitem(BUILT_MODELS._entries, "demo", refuse)
 
 
 @pytest.mark.slow

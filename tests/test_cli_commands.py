@@ -18,40 +18,14 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-import torch
+from helpers_cli import no_demo_build, private_cache  # noqa: F401 - fixtures
 
 from safety_layers.cli.args import build_config
 from safety_layers.cli.main import COMMANDS, main, make_parser
-from safety_layers.core.models import DEFAULT_MODEL, cache_dir
-from safety_layers.core.registry import BUILT_MODELS
+from safety_layers.core.models import DEFAULT_MODEL
 
 BARE = ["--model", DEFAULT_MODEL]
 HEAVY = ("transformers", "peft", "matplotlib", "sklearn", "datasets", "accelerate")
-
-
-@pytest.fixture(scope="module")
-def private_cache(tmp_path_factory):
-    """A fresh cache that reuses the user's converted bare model; one torch thread (the machine is shared)."""
-    real = cache_dir() / "models" / DEFAULT_MODEL
-    root = tmp_path_factory.mktemp("cache")
-    if (real / "config.json").is_file():
-        (root / "models").mkdir()
-        (root / "models" / DEFAULT_MODEL).symlink_to(real, target_is_directory=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SAFETY_LAYERS_CACHE", str(root))
-        mp.setenv("COLUMNS", "250")        # rich does not wrap, so a leaked completion would show whole
-        yield root
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def no_demo_build(private_cache, monkeypatch):
-    def refuse():
-        raise AssertionError("a test reached the 'demo' alias: pass --model smollm2-135m-instruct")
-
-    monkeypatch.setitem(BUILT_MODELS._entries, "demo", refuse)
 
 
 def _error_line(capsys) -> str:
