@@ -261,8 +261,10 @@ def check_model_folder(folder: str | Path, allow_pickle: bool | None = None) -> 
     if not any(f.endswith(".safetensors") for f in files):
         pickles = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES))
         if not pickles:
+            plan = (f"; `safety-layers plan --model {folder}` works on the config alone"
+                    if "config.json" in files else "")
             raise SafetyLayersError(f"{folder} holds no weights (*.safetensors): save the model into it with "
-                                    "save_pretrained, or give the folder that has them")
+                                    f"save_pretrained, or give the folder that has them{plan}")
         if not pickle_allowed(allow_pickle):
             raise SafetyLayersError(
                 f"{folder} has only pickle weights ({', '.join(pickles[:2])}), which can run code when loaded: "
@@ -383,8 +385,6 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype="auto", device: str | None = 
     _quiet_transformers()
     place = resolve_placement(device, dtype, device_map)
     kind, loc = model_location(name)
-    if kind == "folder":
-        require_weights(loc)
     if kind == "gguf":
         check_model(loc)
         model, tok = load_gguf(loc, dtype=place.dtype)
@@ -427,16 +427,6 @@ def _from_pretrained(name: str, loc: str, **kwargs):
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise fail("weights", e) from None
     return model, tok
-
-
-def require_weights(folder: str | Path) -> None:
-    """One line for a folder that holds a model's config.json but no weights: only ``plan`` reads those."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
-        return
-    if not any(p.suffix in (".safetensors", ".bin", ".pt", ".pth") for p in folder.iterdir()):
-        raise SafetyLayersError(f"{folder} holds a config.json but no weights (*.safetensors): this command needs "
-                                f"the weights; `safety-layers plan --model {folder}` works on the config alone")
 
 
 def load_or_use(model, settings=None) -> LoadedModel:
