@@ -23,7 +23,7 @@ from ..core.layers import LayerRange
 from ..core.placement import device_settings
 from ..core.runs import to_jsonable
 from ..evaluate import EvaluateConfig
-from ..finetune.config import BASELINE_FIELDS, PAPER_LRS
+from ..finetune.config import BASELINE_FIELDS, PAPER_LRS, PAPER_TRAINING
 from ..locate import LocateConfig
 from .grid import BASE_METHODS, SCENARIO_KINDS, method_label, parse_scenario, scenario_label
 
@@ -137,7 +137,8 @@ class ExperimentConfig:
     batch_size: int = field(default=4, metadata={"help": "per-device batch size (paper: 4)", **_YAML})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps (paper's code: 32)", **_YAML})
     warmup_steps: int | None = field(default=None, metadata={
-        "help": "linear warmup steps (default: 0; paper mode: 100)", "default": 0, "paper": 100, **_YAML})
+        "help": "linear warmup steps (default: 0; paper mode: 100)", "default": 0,
+        "paper": PAPER_TRAINING["warmup_steps"], **_YAML})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps", **_YAML})
     max_length: int = field(default=256, metadata={"help": "tokens per training example (paper: 256)", **_YAML})
     template: str | None = field(default=None, metadata={

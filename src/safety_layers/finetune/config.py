@@ -143,10 +143,14 @@ PAPER_LRS = {"meta-llama/Meta-Llama-3-8B-Instruct": 1e-4, "meta-llama/Llama-2-7b
              "google/gemma-2b-it": 1e-4, "microsoft/Phi-3-mini-4k-instruct": 6e-4}
 
 
+#: The Trainer settings paper mode fixes for every model (docs/paper.md §4.3); experiments read them too.
+PAPER_TRAINING = {"warmup_steps": 100, "num_train_epochs": 3, "per_device_train_batch_size": 4}
+
+
 def paper_training_args(model: str, given: set[str]) -> dict:
-    """The Trainer settings paper mode fixes (docs/paper.md §4.3: warmup 100 steps, 3 epochs,
-    batch 4, Table 6's learning rate of the model), less those in ``given`` (set by the user)."""
-    fixed = {"warmup_steps": 100, "num_train_epochs": 3, "per_device_train_batch_size": 4}
+    """The Trainer settings paper mode fixes (:data:`PAPER_TRAINING` and Table 6's learning rate
+    of the model), less those in ``given`` (set by the user)."""
+    fixed = dict(PAPER_TRAINING)
     if model in PAPER_LRS:
         fixed["learning_rate"] = PAPER_LRS[model]
     return {k: v for k, v in fixed.items() if k not in given}

@@ -43,6 +43,7 @@ import torch
 
 from ..core.errors import SafetyLayersError
 from ..core.layers import LayerRange
+from ..core.runs import check_out_dir
 from .callbacks import freeze_check_class
 from .config import (BAND_METHODS, DATALESS_METHODS, LORA_METHODS, METHOD_MODULES, METHODS,  # noqa: F401
                      FinetuneConfig, default_training_args)
@@ -101,11 +102,9 @@ def _final_folder(cfg: FinetuneConfig, output_dir: Path) -> Path:
     lora_out = cfg.method in LORA_METHODS and not cfg.merge_lora
     out = Path(cfg.out) if cfg.out else output_dir / ("adapter" if lora_out else "model")
     if out.resolve() == output_dir.resolve() or out.resolve() in output_dir.resolve().parents:
-        raise SafetyLayersError(f"--out {out} would hold the checkpoints of --output_dir {output_dir}: "
+        raise SafetyLayersError(f"out {out} would hold the checkpoints of --output_dir {output_dir}: "
                                 "give the final model its own folder (default: <output_dir>/model)")
-    if out.exists() and not cfg.overwrite:
-        raise SafetyLayersError(f"{out} exists: pass --overwrite to replace it or choose another --out")
-    return out
+    return check_out_dir(out, overwrite=cfg.overwrite, whole=True, flag="out")
 
 
 def _tokenized(cfg: FinetuneConfig, rows: list[dict], tokenizer, args) -> TokenizedData:
