@@ -391,3 +391,20 @@ def test_demo_pipeline_on_a_saved_tiny_model(tmp_path, monkeypatch):
     assert run_demo(cfg) == run and len(counter.calls) == 2          # the rerun trains nothing
     with pytest.raises(SafetyLayersError, match="other data settings"):
         run_demo(DemoConfig(**{**cfg.__dict__, "answer_tokens": 5}))
+
+
+def test_every_study_document_parses_into_a_grid():
+    """The studies/ YAML files are run by hand for the README's numbers: a field renamed in the
+    config must break here, not at the start of a two-hour run."""
+    import yaml
+
+    from safety_layers.experiment.grid import grid
+
+    names = {}
+    for path in sorted((ROOT / "studies").glob("*.yaml")):
+        for d in yaml.safe_load_all(path.read_text()):
+            cfg = ExperimentConfig.from_yaml(path, name=d["name"])
+            cells = grid(cfg, 30)
+            assert cells, (path.name, d["name"])
+            names[d["name"]] = len(cells)
+    assert names["baselines-implicit"] == 18 and names["band-strong"] == 12
